@@ -1,0 +1,275 @@
+"""The hook catalogue: the single source of truth for hook names, shapes and dimension names.
+
+Every name is a TransformerLens ``TransformerBridge`` hook name. Shapes are *per token*: the batch and
+position axes are removed. ``tests/test_catalogue.py`` holds every entry against a real
+``run_with_cache`` of the bridge.
+
+GDN layers (``blocks.<i>.linear_attn.<hook>``; short names in brackets; Hk = n_k_heads, Hv = n_v_heads):
+
+    hook_in              [in]              [d_model]    input hidden states
+    hook_q_pre_conv      [q_pre_conv]      [Hk, d_k]    Q after projection, before the causal conv
+    hook_k_pre_conv      [k_pre_conv]      [Hk, d_k]
+    hook_v_pre_conv      [v_pre_conv]      [Hv, d_v]
+    hook_q               [q]               [Hk, d_k]    Q after conv + SiLU, before L2 norm and GQA
+    hook_k               [k]               [Hk, d_k]
+    hook_v               [v]               [Hv, d_v]
+    hook_beta_logit      [beta_logit]      [Hv]         pre-sigmoid write strength
+    hook_beta            [beta]            [Hv]         write strength sigmoid(b)
+    hook_log_decay       [log_decay]       [Hv]         g (negative); decay per step exp(g)
+    hook_recurrence_out  [recurrence_out]  [Hv, d_v]    output of the gated delta rule
+    hook_gate_input      [gate_input]      [Hv, d_v]    z, the gate of the gated RMSNorm
+    hook_out             [out]             [d_model]    output to the residual stream
+
+Softmax-attention layers (``blocks.<i>.attn.<hook>``): per-token ``hook_in``, ``hook_out``,
+``hook_q`` ([2 H, d_head]: query and gate per head), ``hook_k``/``hook_v``/``hook_rot_k``
+([H_kv, d_head]), ``hook_rot_q``/``hook_z`` ([H, d_head]), ``hook_q_gate`` ([H d_head]); and the
+attention-matrix hooks ``hook_pattern``/``hook_attn_scores`` ([H, query, key]).
+Every layer: ``blocks.<i>.hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out``,
+``ln1``/``ln2`` ``hook_normalized`` ([d_model]), ``mlp.hook_pre|hook_post`` ([d_mlp]).
+Model: ``hook_embed`` and ``ln_final.hook_normalized`` ([d_model]), ``unembed.hook_out`` ([d_vocab]).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .errors import SelectionError
+from .models import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE
+
+GDN = "gdn"
+ATTENTION = "attention"
+MODEL = "model"
+PER_TOKEN = "per_token"
+ATTENTION_MATRIX = "attention_matrix"
+
+# short name -> (hook suffix, dims of the trailing shape, per-head scalar)
+GDN_HOOKS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "in": ("hook_in", ("d_model",), False),
+    "q_pre_conv": ("hook_q_pre_conv", ("k_head", "d_k"), False),
+    "k_pre_conv": ("hook_k_pre_conv", ("k_head", "d_k"), False),
+    "v_pre_conv": ("hook_v_pre_conv", ("v_head", "d_v"), False),
+    "q": ("hook_q", ("k_head", "d_k"), False),
+    "k": ("hook_k", ("k_head", "d_k"), False),
+    "v": ("hook_v", ("v_head", "d_v"), False),
+    "beta_logit": ("hook_beta_logit", ("v_head",), True),
+    "beta": ("hook_beta", ("v_head",), True),
+    "log_decay": ("hook_log_decay", ("v_head",), True),
+    "recurrence_out": ("hook_recurrence_out", ("v_head", "d_v"), False),
+    "gate_input": ("hook_gate_input", ("v_head", "d_v"), False),
+    "out": ("hook_out", ("d_model",), False),
+}
+DEFAULT_HOOKS = ("q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v", "beta", "log_decay",
+                 "recurrence_out")
+
+_ATTENTION_HOOKS: dict[str, tuple[str, ...]] = {
+    "hook_in": ("d_model",),
+    "hook_out": ("d_model",),
+    "hook_q": ("attn_q_gate_head", "d_head"),
+    "hook_k": ("kv_head", "d_head"),
+    "hook_v": ("kv_head", "d_head"),
+    "hook_rot_q": ("attn_head", "d_head"),
+    "hook_rot_k": ("kv_head", "d_head"),
+    "hook_z": ("attn_head", "d_head"),
+    "hook_q_gate": ("attn_gate",),
+}
+_ATTENTION_MATRIX_HOOKS = ("hook_pattern", "hook_attn_scores")
+_BLOCK_HOOKS: dict[str, tuple[str, ...]] = {
+    "hook_resid_pre": ("d_model",),
+    "hook_resid_mid": ("d_model",),
+    "hook_resid_post": ("d_model",),
+    "hook_mlp_out": ("d_model",),
+    "ln1.hook_normalized": ("d_model",),
+    "ln2.hook_normalized": ("d_model",),
+    "mlp.hook_pre": ("d_mlp",),
+    "mlp.hook_post": ("d_mlp",),
+}
+_MODEL_HOOKS: dict[str, tuple[str, ...]] = {
+    "hook_embed": ("d_model",),
+    "ln_final.hook_normalized": ("d_model",),
+    "unembed.hook_out": ("d_vocab",),
+}
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """One hook of the catalogue. ``shape``/``dims`` leave out batch and position."""
+
+    name: str
+    layer: int | None
+    layer_type: str  # "gdn" | "attention" | "model"
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+    kind: str = PER_TOKEN  # or "attention_matrix" ([heads, query, key] per prompt)
+    scalar: bool = False  # per-head scalars stay float32 whatever the storage dtype
+    short: str | None = None
+
+
+def dimension_sizes(config) -> dict[str, int]:
+    """Length of every named dimension; one length per name keeps xarray's rule across a store."""
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return {
+        "d_model": config.hidden_size,
+        "k_head": config.linear_num_key_heads,
+        "d_k": config.linear_key_head_dim,
+        "v_head": config.linear_num_value_heads,
+        "d_v": config.linear_value_head_dim,
+        "attn_head": n_heads,
+        "attn_q_gate_head": 2 * n_heads,
+        "attn_gate": n_heads * head_dim,
+        "kv_head": config.num_key_value_heads,
+        "d_head": head_dim,
+        "d_mlp": getattr(config, "intermediate_size", 0) or 0,
+        "d_vocab": config.vocab_size,
+    }
+
+
+class Catalogue:
+    """All storable hooks of one model, by full name."""
+
+    def __init__(self, config):
+        self.layer_types = [_layer_kind(t) for t in config.layer_types]
+        self.sizes = dimension_sizes(config)
+        self.specs: dict[str, HookSpec] = {}
+        dense_mlp = not getattr(config, "num_experts", 0)
+        for layer, kind in enumerate(self.layer_types):
+            if kind == GDN:
+                for short, (suffix, dims, scalar) in GDN_HOOKS.items():
+                    self._add(f"blocks.{layer}.linear_attn.{suffix}", layer, kind, dims,
+                              scalar=scalar, short=short)
+            else:
+                for suffix, dims in _ATTENTION_HOOKS.items():
+                    self._add(f"blocks.{layer}.attn.{suffix}", layer, kind, dims)
+                for suffix in _ATTENTION_MATRIX_HOOKS:
+                    self._add(f"blocks.{layer}.attn.{suffix}", layer, kind, ("attn_head",),
+                              kind_of_hook=ATTENTION_MATRIX)
+                self._add(f"blocks.{layer}.hook_attn_out", layer, kind, ("d_model",))
+            for suffix, dims in _BLOCK_HOOKS.items():
+                if dense_mlp or not suffix.startswith("mlp."):
+                    self._add(f"blocks.{layer}.{suffix}", layer, kind, dims)
+        for name, dims in _MODEL_HOOKS.items():
+            self._add(name, None, MODEL, dims)
+
+    def _add(self, name, layer, layer_type, dims, *, scalar=False, short=None,
+             kind_of_hook=PER_TOKEN):
+        shape = tuple(self.sizes[d] for d in dims)
+        self.specs[name] = HookSpec(name, layer, layer_type, shape, tuple(dims), kind_of_hook,
+                                    scalar, short)
+
+    @property
+    def gdn_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind == GDN]
+
+    def __getitem__(self, name: str) -> HookSpec:
+        return self.specs[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def __iter__(self):
+        return iter(self.specs.values())
+
+    def gdn_hook(self, layer: int, short: str) -> HookSpec:
+        return self.specs[f"blocks.{layer}.linear_attn.{GDN_HOOKS[short][0]}"]
+
+    def select(self, hooks: str | list[str] | None, layers: str | None) -> list[HookSpec]:
+        """Resolve ``--hooks`` and ``--layers`` to specs, in layer order, without duplicates."""
+        layer_list = self.parse_layers(layers)
+        items = _split(hooks) if hooks is not None else list(DEFAULT_HOOKS)
+        if not items:
+            raise SelectionError("--hooks selects nothing; give short names or full hook names")
+        selected: dict[str, HookSpec] = {}
+        shorts = [item for item in items if "." not in item]
+        for item in items:
+            if "." in item:
+                selected[item] = self._full_name(item)
+            elif item not in GDN_HOOKS:
+                raise SelectionError(_unknown("hook", item, list(GDN_HOOKS)))
+        if shorts:
+            attention = [layer for layer in layer_list if self.layer_types[layer] != GDN]
+            if attention:
+                raise SelectionError(
+                    f"layer {attention[0]} is a softmax-attention layer; the GDN hooks "
+                    f"({', '.join(shorts)}) exist only on GDN layers {_ranges(self.gdn_layers)}"
+                )
+            for layer in layer_list:
+                for short in shorts:
+                    spec = self.gdn_hook(layer, short)
+                    selected[spec.name] = spec
+        order = {name: i for i, name in enumerate(self.specs)}
+        return sorted(selected.values(), key=lambda spec: order[spec.name])
+
+    def parse_layers(self, text: str | None) -> list[int]:
+        """``all`` (every GDN layer), or a list of indices and ranges such as ``0,1,4-6``."""
+        if text is None or text.strip() == "all":
+            return self.gdn_layers
+        n_layers = len(self.layer_types)
+        layers: list[int] = []
+        for part in _split(text):
+            try:
+                if "-" in part[1:]:
+                    lo, hi = (int(x) for x in part.split("-", 1))
+                    span = list(range(lo, hi + 1))
+                    if not span:
+                        raise ValueError
+                else:
+                    span = [int(part)]
+            except ValueError:
+                raise SelectionError(
+                    f"--layers: cannot read {part!r}; use 'all', indices and ranges like 0,1,4-6"
+                ) from None
+            for layer in span:
+                if not 0 <= layer < n_layers:
+                    raise SelectionError(
+                        f"--layers: layer {layer} is out of range; the model has layers "
+                        f"0-{n_layers - 1}, GDN layers {_ranges(self.gdn_layers)}"
+                    )
+                if layer not in layers:
+                    layers.append(layer)
+        if not layers:
+            raise SelectionError("--layers selects no layer")
+        return layers
+
+    def _full_name(self, name: str) -> HookSpec:
+        name = _canonical(name)
+        if name in self.specs:
+            return self.specs[name]
+        raise SelectionError(_unknown("hook", name, list(self.specs)))
+
+
+def _layer_kind(layer_type: str) -> str:
+    if layer_type == GDN_LAYER_TYPE:
+        return GDN
+    if layer_type == ATTENTION_LAYER_TYPE:
+        return ATTENTION
+    raise SelectionError(f"unsupported layer type {layer_type!r}")
+
+
+def _canonical(name: str) -> str:
+    """Map TransformerLens's alias hook names (``hook_ssm_decay`` ...) to the canonical ones."""
+    from transformer_lens.model_bridge.generalized_components.gated_delta_net import (
+        GatedDeltaNetBridge,
+    )
+
+    prefix, _, last = name.rpartition(".")
+    if ".linear_attn" in prefix and last in GatedDeltaNetBridge.hook_aliases:
+        return f"{prefix}.{GatedDeltaNetBridge.hook_aliases[last]}"
+    return name
+
+
+def _split(text: str | list[str]) -> list[str]:
+    parts = text if isinstance(text, list) else text.split(",")
+    return [p.strip() for item in parts for p in item.split(",") if p.strip()]
+
+
+def _unknown(what: str, item: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(item, choices, n=3, cutoff=0.6)
+    if close:
+        return f"unknown {what} {item!r}; did you mean {', '.join(close)}?"
+    shown = ", ".join(choices[:13]) + (" ..." if len(choices) > 13 else "")
+    return f"unknown {what} {item!r}; choose from {shown} (gdn-dump hooks --model M lists all)"
+
+
+def _ranges(layers: list[int]) -> str:
+    return ",".join(str(x) for x in layers)

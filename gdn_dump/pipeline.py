@@ -1,0 +1,243 @@
+"""The extract loop: prompts -> plan -> batches -> capture -> writer -> finalized store.
+
+The library does the work and reports through a :class:`Reporter`; the CLI only supplies a rich one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .capture import Capture, pad_batch
+from .catalogue import Catalogue, HookSpec
+from .errors import GdnDumpError
+from .models import LoadedModel, load_config, load_model, load_tokenizer
+from .plan import Plan, check_free_space, make_plan
+from .prompts import PromptSource, open_prompts
+from .store import (
+    COMPLETE,
+    RowWriter,
+    check_out,
+    compressors_for,
+    create_store,
+    now_iso,
+    provenance_base,
+    set_status,
+)
+
+TOKENIZE_BLOCK = 512
+
+
+@dataclass
+class ExtractOptions:
+    """Everything ``gdn-dump extract`` takes; the names are the CLI option names."""
+
+    model: str
+    prompts: str
+    out: str
+    hooks: str | None = None
+    layers: str | None = None
+    revision: str | None = None
+    device: str = "auto"
+    model_dtype: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    text_field: str = "text"
+    max_length: int | None = None
+    batch_size: int = 8
+    max_batch_tokens: int | None = None
+    dtype: str = "float16"
+    chunk_tokens: int | None = None
+    compressor: str = "none"
+    overwrite: bool = False
+    dry_run: bool = False
+    force: bool = False
+    command_line: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExtractResult:
+    plan: Plan
+    out: Path
+    seconds: float = 0.0
+    tokens: int = 0
+    prompts: int = 0
+    bytes_written: int = 0
+    overflow: dict[str, int] = field(default_factory=dict)
+    model: LoadedModel | None = None
+
+
+class Reporter:
+    """Progress callbacks; the default reports nothing (library use, ``--quiet``)."""
+
+    def start(self, n_prompts: int, n_tokens: int) -> None: ...
+    def advance(self, prompts: int, tokens: int, bytes_written: int) -> None: ...
+    def note(self, message: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+def extract(opts: ExtractOptions, reporter: Reporter | None = None,
+            model: LoadedModel | None = None) -> ExtractResult:
+    """Run ``gdn-dump extract``: plan, create the store, stream every batch into it, finalize."""
+    reporter = reporter or Reporter()
+    _validate(opts)
+    if not opts.dry_run:
+        check_out(opts.out, overwrite=opts.overwrite)
+    with open_prompts(opts.prompts, text_field=opts.text_field) as source:
+        if opts.dry_run and model is None:  # the plan needs the config and tokenizer, no weights
+            config = load_config(opts.model, revision=opts.revision,
+                                 trust_remote_code=opts.trust_remote_code)
+            tokenizer = load_tokenizer(opts.model, revision=opts.revision,
+                                       trust_remote_code=opts.trust_remote_code)
+            hooks = Catalogue(config).select(opts.hooks, opts.layers)
+            return ExtractResult(plan=plan_run(opts, hooks, tokenizer, source), out=Path(opts.out))
+        model = model or load_model(
+            opts.model, revision=opts.revision, device=opts.device, model_dtype=opts.model_dtype,
+            trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
+        )
+        hooks = Catalogue(model.config).select(opts.hooks, opts.layers)
+        plan = plan_run(opts, hooks, model.tokenizer, source)
+        result = ExtractResult(plan=plan, out=Path(opts.out), model=model)
+        if opts.dry_run:
+            return result
+        if not opts.force:
+            check_free_space(opts.out, plan.total_bytes)
+        provenance = _provenance(opts, model, plan, source)
+        group = create_store(opts.out, plan, provenance, overwrite=opts.overwrite,
+                             compressor=opts.compressor, prompt_ids=(p.id for p in source))
+        _run(opts, model, plan, source, group, result, reporter)
+    set_status(group, COMPLETE, finished=now_iso(), seconds=round(result.seconds, 3),
+               overflow=result.overflow)
+    return result
+
+
+def _validate(opts: ExtractOptions) -> None:
+    compressors_for(opts.compressor)
+    if opts.batch_size < 1:
+        raise GdnDumpError(f"--batch-size must be at least 1, not {opts.batch_size}")
+    if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
+        raise GdnDumpError(f"--max-batch-tokens must be at least 1, not {opts.max_batch_tokens}")
+    if opts.max_length is not None and opts.max_length < 1:
+        raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
+
+
+def plan_run(opts: ExtractOptions, hooks: list[HookSpec], tokenizer, source: PromptSource) -> Plan:
+    """Tokenise every prompt once for its length, then lay out the store."""
+    lengths = np.empty(source.count, dtype=np.int64)
+    truncated = 0
+    for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length):
+        lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
+        truncated += sum(raw > len(t) for raw, t in zip(raw_lengths, token_lists))
+    return make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
+                     max_length=opts.max_length, truncated=truncated)
+
+
+def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None):
+    """Yield ``(first_index, token_lists, untruncated_lengths)`` for blocks of prompts."""
+    block: list[str] = []
+    start = 0
+    for prompt in source:
+        block.append(prompt.text)
+        if len(block) == TOKENIZE_BLOCK:
+            yield start, *_tokenize(tokenizer, block, max_length)
+            start += len(block)
+            block = []
+    if block:
+        yield start, *_tokenize(tokenizer, block, max_length)
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int | None):
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    raw = [len(t) for t in ids]
+    if max_length is not None:
+        ids = [t[:max_length] for t in ids]
+    return ids, raw
+
+
+def batches(source: Iterable, tokenizer, max_length: int | None, batch_size: int,
+            max_batch_tokens: int | None) -> Iterator[tuple[int, list[list[int]]]]:
+    """Consecutive prompts grouped into padded batches: ``(first_prompt_index, token_lists)``.
+
+    A batch holds at most ``batch_size`` prompts and, when ``max_batch_tokens`` is set, at most
+    that many padded tokens (a longer prompt goes alone).
+    """
+    batch: list[list[int]] = []
+    first = 0
+    for start, token_lists, _ in _tokenized_blocks(source, tokenizer, max_length):
+        for offset, tokens in enumerate(token_lists):
+            width = max([len(tokens)] + [len(t) for t in batch])
+            too_many = max_batch_tokens is not None and width * (len(batch) + 1) > max_batch_tokens
+            if batch and (len(batch) == batch_size or too_many):
+                yield first, batch
+                batch = []
+            if not batch:
+                first = start + offset
+            batch.append(tokens)
+    if batch:
+        yield first, batch
+
+
+def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractResult,
+         reporter: Reporter) -> None:
+    capture = Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device)
+    pad_id = model.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    writer = RowWriter(group, plan.arrays)
+    reporter.start(plan.n_prompts, plan.n_rows)
+    started = time.perf_counter()
+    try:
+        for first, token_lists in batches(source, model.tokenizer, opts.max_length,
+                                          opts.batch_size, opts.max_batch_tokens):
+            _run_batch(capture, writer, plan, first, token_lists, pad_id, result)
+            n_tokens = sum(len(t) for t in token_lists)
+            result.prompts += len(token_lists)
+            result.tokens += n_tokens
+            reporter.advance(len(token_lists), n_tokens, writer.bytes_written)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reporter.finish()
+    result.seconds = time.perf_counter() - started
+    result.bytes_written = writer.bytes_written
+
+
+def _run_batch(capture: Capture, writer: RowWriter, plan: Plan, first: int,
+               token_lists: list[list[int]], pad_id: int, result: ExtractResult) -> None:
+    kept = [(first + i, t) for i, t in enumerate(token_lists) if t]
+    if not kept:
+        return
+    ids, lengths = pad_batch([t for _, t in kept], pad_id)
+    out = capture.run(ids, lengths)
+    writer.append("tokens", np.concatenate([np.asarray(t, dtype=np.int32) for _, t in kept]))
+    for name, rows in out.rows.items():
+        writer.append(name, rows)
+    for name, matrices in out.matrices.items():
+        for (prompt, _), matrix in zip(kept, matrices):
+            n = matrix.shape[-1]
+            writer.write_region(name, (prompt, slice(None), slice(0, n), slice(0, n)), matrix)
+    for name, count in out.nonfinite.items():
+        result.overflow[name] = result.overflow.get(name, 0) + count
+
+
+def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) -> dict:
+    return {
+        **provenance_base(opts.command_line),
+        "model": model.info,
+        "hooks": [h.name for h in plan.hooks],
+        "layers": sorted({h.layer for h in plan.hooks if h.layer is not None}),
+        "storage_dtype": plan.storage_dtype,
+        "compressor": opts.compressor,
+        "prompts": {"path": str(source.display), "sha256": source.sha256, "count": source.count,
+                    "format": source.format, "text_field": opts.text_field},
+        "max_length": opts.max_length,
+        "truncated": plan.truncated,
+        "n_rows": plan.n_rows,
+        "batch_size": opts.batch_size,
+        "max_batch_tokens": opts.max_batch_tokens,
+    }

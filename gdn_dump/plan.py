@@ -1,0 +1,163 @@
+"""What a run will write, computed before any model runs: arrays, shapes, dtypes, chunks, bytes.
+
+Token layout: prompt p owns rows ``prompt_start[p] : prompt_start[p] + prompt_length[p]`` of every
+per-token array, in file order. Chunk lengths along the token axis are powers of two, so the
+longest chunk of a store is a multiple of every other: aligning work to it aligns it to all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .catalogue import ATTENTION_MATRIX, HookSpec
+from .errors import GdnDumpError
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+SCALAR_DTYPE = "float32"
+TARGET_CHUNK_BYTES = 4 << 20
+MAX_CHUNK_TOKENS = 1 << 20
+ATTENTION_TILE = 128
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store, as it will be created."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    dims: tuple[str, ...]
+    hook: HookSpec | None = None
+    attrs: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE.get(self.dtype, 8)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunks[0]
+
+    @property
+    def per_token(self) -> bool:
+        return self.dims[0] == "token"
+
+
+@dataclass
+class Plan:
+    """The layout of one run's store."""
+
+    hooks: list[HookSpec]
+    arrays: list[ArraySpec]
+    prompt_lengths: np.ndarray  # [n_prompts] int64, after truncation
+    prompt_starts: np.ndarray  # [n_prompts] int64
+    n_rows: int
+    storage_dtype: str
+    max_length: int | None
+    truncated: int
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompt_lengths)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(a.nbytes // max(a.shape[0], 1) for a in self.arrays if a.per_token)
+
+    def array(self, name: str) -> ArraySpec:
+        return next(a for a in self.arrays if a.name == name)
+
+    def describe(self) -> dict:
+        return {
+            "n_prompts": self.n_prompts,
+            "n_rows": self.n_rows,
+            "storage_dtype": self.storage_dtype,
+            "max_length": self.max_length,
+            "truncated": self.truncated,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def make_plan(
+    hooks: list[HookSpec],
+    prompt_lengths: np.ndarray,
+    *,
+    storage_dtype: str = "float16",
+    chunk_tokens: int | None = None,
+    max_length: int | None = None,
+    truncated: int = 0,
+    target_chunk_bytes: int = TARGET_CHUNK_BYTES,
+) -> Plan:
+    if storage_dtype not in STORAGE_DTYPES:
+        raise GdnDumpError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise GdnDumpError(f"--chunk-tokens must be at least 1, not {chunk_tokens}")
+    lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    starts = np.zeros_like(lengths)
+    if len(lengths):
+        np.cumsum(lengths[:-1], out=starts[1:])
+    n_rows = int(lengths.sum())
+    l_max = int(lengths.max()) if len(lengths) else 0
+
+    def token_chunks(row_bytes: int) -> int:
+        if chunk_tokens is not None:
+            return chunk_tokens
+        fit = _pow2_floor(max(1, target_chunk_bytes // max(row_bytes, 1)))
+        return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_rows, 1))))
+
+    arrays = [ArraySpec("tokens", (n_rows,), "int32", (token_chunks(4),), ("token",))]
+    for hook in hooks:
+        if hook.kind == ATTENTION_MATRIX:
+            tile = min(ATTENTION_TILE, max(l_max, 1))
+            arrays.append(ArraySpec(
+                hook.name, (len(lengths), *hook.shape, l_max, l_max), "float32",
+                (1, 1, tile, tile), ("prompt", *hook.dims, "query", "key"), hook,
+                {"kind": "softmax" if hook.name.endswith("hook_pattern") else "softmax_scores"},
+            ))
+            continue
+        dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
+        row_bytes = int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+        arrays.append(ArraySpec(
+            hook.name, (n_rows, *hook.shape), dtype, (token_chunks(row_bytes), *hook.shape),
+            ("token", *hook.dims), hook,
+        ))
+    return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated)
+
+
+def check_free_space(out: str | Path, needed: int) -> None:
+    """Refuse a run that cannot fit on the target disk (``--force`` skips this check)."""
+    path = Path(out).absolute()
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise GdnDumpError(
+            f"the store needs about {format_bytes(needed)} but {path} has {format_bytes(free)} "
+            "free; free space, write elsewhere, or pass --force"
+        )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()

@@ -1,0 +1,273 @@
+"""The Zarr v3 store of a run: create it from a plan, write rows in whole chunks, finalize, inspect.
+
+The layout is the store contract of DESIGN.md section 4. Writes go through :class:`RowWriter`, which
+buffers each array's rows until a whole chunk is full and only then writes it, so no chunk is ever
+read back and rewritten; the writes themselves run on a background thread, behind a bounded queue.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import queue
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .bfloat16 import storage_dtype
+from .errors import RunFailure, StoreError
+from .plan import ArraySpec, Plan
+
+ATTR = "gdn_dump"
+IN_PROGRESS = "in_progress"
+COMPLETE = "complete"
+_COMPRESSORS = ("none", "zstd", "blosc")
+
+
+def compressors_for(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=1)]
+    if name == "blosc":
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    raise StoreError(f"--compressor must be one of {', '.join(_COMPRESSORS)}, not {name!r}")
+
+
+def check_out(out: str | Path, *, overwrite: bool) -> Path:
+    """Refuse an existing ``--out`` unless ``--overwrite``; refuse a file or an unwritable place."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--out {out} is an existing file, not a store; choose another path")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise StoreError(f"--out {out} already exists; pass --overwrite to replace it")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"--out {out}: {parent} is not writable")
+    return path
+
+
+def create_store(out: str | Path, plan: Plan, provenance: dict, *, overwrite: bool = False,
+                 compressor: str = "none", prompt_ids: Iterable[str] = ()) -> zarr.Group:
+    """Create every array of ``plan`` and the prompt index; the store says ``in_progress``."""
+    path = check_out(out, overwrite=overwrite)
+    compressors = compressors_for(compressor)
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs[ATTR] = {**provenance, "status": IN_PROGRESS}
+    for spec in plan.arrays:
+        _create_array(group, spec, compressors)
+    n = plan.n_prompts
+    for name, values in (("prompt_start", plan.prompt_starts), ("prompt_length", plan.prompt_lengths)):
+        arr = group.create_array(name, shape=(n,), chunks=(_index_chunks(n),), dtype="int64",
+                                 dimension_names=["prompt"], compressors=compressors)
+        arr[:] = values
+    ids = group.create_array("prompt_id", shape=(n,), chunks=(_index_chunks(n),), dtype=str,
+                             dimension_names=["prompt"])
+    _write_streamed(ids, prompt_ids, _index_chunks(n))
+    return group
+
+
+def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array:
+    dtype = storage_dtype(spec.dtype) if spec.dtype in ("float16", "bfloat16") else spec.dtype
+    hook_attrs = {"hook": spec.hook.name, "layer": spec.hook.layer,
+                  "layer_type": spec.hook.layer_type} if spec.hook else {}
+    return group.create_array(
+        spec.name, shape=spec.shape, chunks=spec.chunks, dtype=dtype,
+        dimension_names=list(spec.dims), compressors=compressors, fill_value=0,
+        attributes={**hook_attrs, **spec.attrs},
+        # bfloat16 is compared by value in zarr's empty-chunk check (-0.0 would become +0.0).
+        config={"write_empty_chunks": spec.dtype == "bfloat16"},
+    )
+
+
+def _index_chunks(n: int) -> int:
+    return max(1, min(n, 1 << 16))
+
+
+def _write_streamed(arr: zarr.Array, values: Iterable[str], chunk: int) -> None:
+    buf: list[str] = []
+    start = 0
+    for value in values:
+        buf.append(value)
+        if len(buf) == chunk:
+            arr[start:start + chunk] = np.array(buf, dtype=object)
+            start += chunk
+            buf = []
+    if buf:
+        arr[start:start + len(buf)] = np.array(buf, dtype=object)
+
+
+def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
+    meta = dict(group.attrs[ATTR])
+    meta.update(extra, status=status)
+    group.attrs[ATTR] = meta
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RowWriter:
+    """Sequential writer of token rows into whole, aligned chunks, on a background thread.
+
+    ``append(name, rows)`` takes the next rows of an array, in row order. Rows wait in a per-array
+    buffer until a chunk is full; full chunks are queued to the writer thread (the queue is bounded,
+    so a slow disk holds back capture instead of growing memory). ``close()`` writes the last,
+    partial chunk of each array and waits for everything.
+    """
+
+    def __init__(self, group: zarr.Group, arrays: list[ArraySpec], start_row: int = 0,
+                 max_pending: int = 8):
+        self._arrays = {spec.name: group[spec.name] for spec in arrays}
+        self._buffers: dict[str, _ChunkBuffer] = {
+            spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.per_token
+        }
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._drain, name="gdn-dump-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        self._raise_if_failed()
+        for start, block in self._buffers[name].add(rows):
+            self._queue.put((name, start, block))
+
+    def write_region(self, name: str, selection: tuple, block: np.ndarray) -> None:
+        """Queue a write of ``block`` at ``selection`` (for arrays not laid out by token rows)."""
+        self._raise_if_failed()
+        self._queue.put((name, selection, block))
+
+    def close(self) -> None:
+        for name, buffer in self._buffers.items():
+            tail = buffer.flush()
+            if tail is not None:
+                self._queue.put((name, *tail))
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop after what is queued; the partial chunks are dropped (the store stays in_progress)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            name, where, block = item
+            if not isinstance(where, tuple):
+                where = slice(where, where + len(block))
+            try:
+                self._arrays[name][where] = block
+                self.bytes_written += block.nbytes
+            except BaseException as exc:  # surfaced on the caller's thread
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            if isinstance(exc, OSError):
+                raise RunFailure(
+                    f"writing the store failed ({exc.strerror or exc}); "
+                    f"{self.bytes_written} bytes were written, the store stays in_progress"
+                ) from exc
+            raise exc
+
+
+class _ChunkBuffer:
+    """Rows of one array gathered until a chunk boundary."""
+
+    def __init__(self, spec: ArraySpec, start_row: int):
+        self.chunk = spec.chunk_tokens
+        self.row_shape = spec.shape[1:]
+        self.dtype = None
+        self.next_row = start_row  # first row not yet handed out
+        self.parts: list[np.ndarray] = []
+        self.filled = 0
+
+    def add(self, rows: np.ndarray):
+        """Take rows; yield ``(start_row, block)`` for each chunk they complete."""
+        while len(rows):
+            room = self.chunk - (self.next_row + self.filled) % self.chunk
+            take, rows = rows[:room], rows[room:]
+            self.parts.append(take)
+            self.filled += len(take)
+            if (self.next_row + self.filled) % self.chunk == 0:
+                yield self._emit()
+
+    def flush(self):
+        return self._emit() if self.filled else None
+
+    def _emit(self):
+        block = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        start = self.next_row
+        self.next_row += self.filled
+        self.parts, self.filled = [], 0
+        return start, np.ascontiguousarray(block)
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise StoreError(f"{path} is not a Zarr v3 store ({exc})") from exc
+    if ATTR not in group.attrs:
+        raise StoreError(f"{path} is a Zarr group but not a gdn-dump store (no '{ATTR}' attribute)")
+    return group
+
+
+def store_summary(group: zarr.Group) -> list[dict]:
+    """Name, shape, dtype, chunks and bytes on disk of every array of the store."""
+    rows = []
+    for name, arr in sorted(group.arrays()):
+        rows.append({
+            "name": name,
+            "shape": tuple(arr.shape),
+            "dtype": str(arr.dtype),
+            "chunks": tuple(arr.chunks),
+            "dims": tuple(arr.metadata.dimension_names or ()),
+            "stored_bytes": arr.nbytes_stored(),
+        })
+    return rows
+
+
+def provenance_base(command_line: list[str]) -> dict:
+    import platform
+
+    import torch
+    import transformer_lens
+    import transformers
+
+    return {
+        "tool": "gdn-dump",
+        "version": __version__,
+        "command_line": command_line,
+        "created": now_iso(),
+        "host": platform.node(),
+        "libraries": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+        },
+    }
