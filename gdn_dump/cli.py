@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -16,8 +17,14 @@ from .errors import GdnDumpError
 
 app = typer.Typer(help="Stream Gated DeltaNet internals of Qwen3.5 / Qwen3-Next models into Zarr.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-out_console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console per call (so COLUMNS is read when the command runs); wide when not a terminal."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160
+    return console
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: Optional[Path]):
@@ -27,13 +34,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Optional[Pat
     try:
         data = tomllib.loads(Path(value).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise click.BadParameter(f"cannot read {value}: {exc}") from None
+        _fail(GdnDumpError(f"--config {value}: cannot read it ({exc})"), False)
     known = {p.name for p in ctx.command.params}
     defaults = {}
     for key, item in data.items():
         name = key.replace("-", "_")
         if name not in known or name == "config":
-            raise click.BadParameter(f"{value}: unknown key {key!r}")
+            _fail(GdnDumpError(f"--config {value}: unknown key {key!r}; keys are option names"), False)
         defaults[name] = ",".join(map(str, item)) if isinstance(item, list) else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -46,7 +53,7 @@ def _fail(exc: BaseException, debug: bool) -> None:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not isinstance(exc, GdnDumpError):
         message = f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-    err_console.print(f"[red]gdn-dump: error:[/] {message}", highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"[red]gdn-dump: error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -94,17 +101,17 @@ def extract(
         force=force, command_line=["gdn-dump", *sys.argv[1:]],
     )
     try:
-        result = run_extract(opts, None if quiet else RichReporter(err_console))
+        result = run_extract(opts, None if quiet else RichReporter(_console(stderr=True)))
     except (GdnDumpError, OSError, ValueError, RuntimeError) as exc:
         _fail(exc, debug)
     if dry_run:
-        out_console.print(plan_table(result.plan, title=f"plan for {out} (dry run: nothing written)"))
+        _console().print(plan_table(result.plan, title=f"plan for {out} (dry run: nothing written)"))
         return
     for name, count in result.overflow.items():
-        err_console.print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf "
+        _console(stderr=True).print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf "
                           f"when cast to {result.plan.storage_dtype}; use --dtype float32")
     if not quiet:
-        err_console.print(summary_table(result))
+        _console(stderr=True).print(summary_table(result))
 
 
 @app.command()
@@ -124,11 +131,11 @@ def hooks(
         _fail(exc, debug)
     table = Table(title=f"hooks of {model} (short GDN names: {', '.join(GDN_HOOKS)})")
     for column in ("hook", "short", "layer", "layer type", "per-token shape", "dims", "kind"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for spec in catalogue:
         table.add_row(spec.name, spec.short or "", "" if spec.layer is None else str(spec.layer),
                       spec.layer_type, str(list(spec.shape)), ",".join(spec.dims), spec.kind)
-    out_console.print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -150,19 +157,20 @@ def inspect(
     meta = dict(group.attrs[ATTR])
     table = Table(title=f"{store}  [status: {meta.get('status')}]")
     for column in ("array", "shape", "dtype", "chunks", "dims", "on disk"):
-        table.add_column(column, justify="right" if column == "on disk" else "left")
+        table.add_column(column, justify="right" if column == "on disk" else "left",
+                         overflow="fold")
     for row in rows:
         table.add_row(row["name"], str(row["shape"]), row["dtype"], str(row["chunks"]),
                       ",".join(row["dims"]), format_bytes(row["stored_bytes"]))
     table.caption = f"{sum(r['stored_bytes'] for r in rows):,} bytes on disk"
-    out_console.print(table)
+    _console().print(table)
     model = meta.get("model", {})
-    out_console.print(f"status: {meta.get('status')}")
-    out_console.print(f"model: {model.get('name')} ({model.get('dtype')}, {model.get('device')}, "
+    _console().print(f"status: {meta.get('status')}")
+    _console().print(f"model: {model.get('name')} ({model.get('dtype')}, {model.get('device')}, "
                       f"kernels: {model.get('kernel_backend')})")
-    out_console.print(f"prompts: {json.dumps(meta.get('prompts'))}")
-    out_console.print(f"storage dtype: {meta.get('storage_dtype')}, truncated: {meta.get('truncated')}")
-    out_console.print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
+    _console().print(f"prompts: {json.dumps(meta.get('prompts'))}")
+    _console().print(f"storage dtype: {meta.get('storage_dtype')}, truncated: {meta.get('truncated')}")
+    _console().print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

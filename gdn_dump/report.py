@@ -55,7 +55,8 @@ class RichReporter(Reporter):
 def plan_table(plan: Plan, title: str = "plan") -> Table:
     table = Table(title=title)
     for column in ("array", "shape", "dtype", "chunks", "dims", "bytes"):
-        table.add_column(column, justify="right" if column == "bytes" else "left")
+        table.add_column(column, justify="right" if column == "bytes" else "left",
+                         overflow="fold")
     for spec in plan.arrays:
         table.add_row(spec.name, str(spec.shape), spec.dtype, str(spec.chunks),
                       ",".join(spec.dims), format_bytes(spec.nbytes))
