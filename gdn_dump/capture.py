@@ -2,8 +2,13 @@
 
 Batches are right-padded and run without an attention mask: the causal conv, the recurrence and
 softmax attention are all causal, so the first ``L`` positions of a padded row equal the prompt run
-alone, and padding never reaches the store. Each hook casts to the storage dtype on the model's
-device (halving the bytes moved) and hands back rows in store order: prompt by prompt, token by token.
+alone, and padding never reaches the store. Each hook gathers the real rows in store order (prompt
+by prompt, token by token) and casts them to the storage dtype on the model's device, halving the
+bytes moved.
+
+On CUDA the device-to-host copies go into pinned host memory on a side stream, without blocking:
+the forward of the batch goes on while its hooks' rows are copied, and :meth:`CapturedBatch.wait`
+(called by the writer side, not by the forward loop) is the only synchronisation.
 """
 
 from __future__ import annotations
@@ -22,12 +27,37 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 @dataclass
-class BatchResult:
-    """Rows of one batch: per-token hooks as ``[n_rows, *shape]`` arrays, matrices per prompt."""
+class CapturedBatch:
+    """One batch's hook rows on the host, possibly still being copied (CUDA)."""
 
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
-    matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    nonfinite: dict[str, int] = field(default_factory=dict)
+    first_prompt: int
+    prompts: list[int]  # store indices of the prompts with at least one token
+    tokens: np.ndarray  # [n_rows] int32, store order
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]
+    dtypes: dict[str, str] = field(default_factory=dict)
+    matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> [H, L, L] each
+    overflow_names: list[str] = field(default_factory=list)
+    overflow_counts: torch.Tensor | None = None  # host, aligned with overflow_names
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def numpy_rows(self):
+        """``(name, rows)`` in storage dtype, after :meth:`wait`."""
+        for name, tensor in self.rows.items():
+            yield name, to_storage_numpy(tensor, self.dtypes[name])
+
+    def overflow(self) -> dict[str, int]:
+        if self.overflow_counts is None:
+            return {}
+        counts = self.overflow_counts.tolist()
+        return {name: int(n) for name, n in zip(self.overflow_names, counts) if n}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.rows.values())
 
 
 class Capture:
@@ -39,55 +69,96 @@ class Capture:
         self.device = device
         self.dtypes = {h.name: SCALAR_DTYPE if h.scalar else storage_dtype for h in hooks}
         self.stop_at_layer = _stop_layer(hooks)
-        self._mask: torch.Tensor | None = None
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._fwd_hooks = [(h.name, self._hook_fn(h)) for h in hooks]
+        self._index: torch.Tensor | None = None
         self._lengths: list[int] = []
-        self._result = BatchResult()
+        self._batch: CapturedBatch | None = None
+        self._overflow: list[tuple[str, torch.Tensor]] = []
 
-    def run(self, input_ids: torch.Tensor, lengths: list[int]) -> BatchResult:
+    def run(self, input_ids: torch.Tensor, lengths: list[int], first_prompt: int = 0,
+            prompts: list[int] | None = None) -> CapturedBatch:
         """``input_ids``: ``[B, T]`` right-padded; ``lengths``: the real length of each row."""
-        positions = torch.arange(input_ids.shape[1], device=self.device)
-        lengths_t = torch.as_tensor(lengths, device=self.device)
-        self._mask = positions[None, :] < lengths_t[:, None]
+        batch_size, width = input_ids.shape
+        # Flat indices of the real positions: a gather with a known size needs no device sync,
+        # unlike boolean-mask indexing.
+        flat = np.concatenate([np.arange(n) + b * width for b, n in enumerate(lengths)])
+        # Without padding the rows are the tensor itself: skip the gather (one pass fewer).
+        self._index = None if len(flat) == batch_size * width else torch.as_tensor(flat, device=self.device)
         self._lengths = list(lengths)
-        self._result = BatchResult()
-        fwd_hooks = [(h.name, self._hook_fn(h)) for h in self.hooks]
-        with torch.inference_mode(), self.bridge.hooks(fwd_hooks=fwd_hooks):
-            self.bridge(input_ids.to(self.device), use_cache=False, return_type=None,
-                        stop_at_layer=self.stop_at_layer)
-        missing = [h.name for h in self.hooks
-                   if h.name not in self._result.rows and h.name not in self._result.matrices]
+        tokens = input_ids.reshape(-1)[torch.as_tensor(flat)].to(torch.int32).numpy()
+        self._batch = CapturedBatch(first_prompt, prompts or list(range(batch_size)), tokens,
+                                    dtypes=self.dtypes)
+        self._overflow = []
+        with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
+            self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
+                        return_type=None, stop_at_layer=self.stop_at_layer)
+        batch, self._batch = self._batch, None
+        missing = [h.name for h in self.hooks if h.name not in batch.rows and h.name not in batch.matrices]
         if missing:
             raise RunFailure(
                 f"hook(s) did not fire: {', '.join(missing[:5])}; the GDN interior hooks fire only "
                 "on the bridge's prefill path (use_cache=False)"
             )
-        return self._result
+        self._finish_overflow(batch)
+        if self.cuda:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self.copy_stream)
+        return batch
 
     def _hook_fn(self, spec: HookSpec):
         if spec.kind == ATTENTION_MATRIX:
             def keep_matrix(tensor: torch.Tensor, hook) -> None:
-                self._result.matrices[spec.name] = [
+                self._batch.matrices[spec.name] = [
                     tensor[b, :, :n, :n].float().cpu().numpy() for b, n in enumerate(self._lengths)
                 ]
             return keep_matrix
 
-        dtype_name = self.dtypes[spec.name]
-        dtype = _TORCH_DTYPES[dtype_name]
+        dtype = _TORCH_DTYPES[self.dtypes[spec.name]]
+        check_overflow = dtype == torch.float16
 
         def keep_rows(tensor: torch.Tensor, hook) -> None:
-            rows = tensor[self._mask]  # [n_real_rows, *shape], prompt-major
-            if rows.dtype != dtype:
-                cast = rows.to(dtype)
-                self._count_overflow(spec.name, rows, cast)
-                rows = cast
-            self._result.rows[spec.name] = to_storage_numpy(rows.cpu(), dtype_name)
+            rows = tensor.reshape(-1, *tensor.shape[2:])
+            if self._index is not None:
+                rows = rows.index_select(0, self._index)
+            cast = rows.to(dtype)
+            if check_overflow and rows.dtype != dtype:
+                self._check_overflow(spec.name, rows, cast)
+            self._batch.rows[spec.name] = self._to_host(cast)
         return keep_rows
 
-    def _count_overflow(self, name: str, source: torch.Tensor, cast: torch.Tensor) -> None:
-        """Values that were finite before narrowing and are not after it (float16 overflow)."""
-        bad = ~torch.isfinite(cast)
-        if bool(bad.any()):
-            self._result.nonfinite[name] = int((bad & torch.isfinite(source)).sum())
+    def _check_overflow(self, name: str, rows: torch.Tensor, cast: torch.Tensor) -> None:
+        """Count values finite before narrowing and infinite after it (float16 overflow).
+
+        On CUDA the count stays on the device (no sync); on the CPU one min/max pass over the
+        source rules out overflow for nearly every batch before the full count is needed.
+        """
+        if not self.cuda:
+            if not rows.numel():
+                return
+            low, high = torch.aminmax(rows)
+            limit = torch.finfo(cast.dtype).max
+            if -limit <= float(low) and float(high) <= limit:
+                return
+        self._overflow.append((name, (torch.isinf(cast) & torch.isfinite(rows)).sum()))
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.copy_stream)  # keep the device memory until the copy is done
+        return host
+
+    def _finish_overflow(self, batch: CapturedBatch) -> None:
+        if not self._overflow:
+            return
+        batch.overflow_names = [name for name, _ in self._overflow]
+        counts = torch.stack([count for _, count in self._overflow])
+        batch.overflow_counts = self._to_host(counts) if self.cuda else counts
 
 
 def _stop_layer(hooks: list[HookSpec]) -> int | None:

@@ -73,6 +73,7 @@ def extract(
     model_dtype: Optional[str] = typer.Option(None, help="Model dtype: float32, float16 or bfloat16 (default bfloat16 on CUDA, float32 on CPU)."),
     trust_remote_code: bool = typer.Option(False, help="Allow the checkpoint's own Python code to run."),
     allow_pickle_weights: bool = typer.Option(False, help="Allow non-safetensors (pickle) weight files."),
+    kernels: str = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when installed, else torch), torch, fla."),
     text_field: str = typer.Option("text", help="jsonl field that holds the prompt."),
     max_length: Optional[int] = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded)."),
     batch_size: int = typer.Option(8, help="Prompts per batch."),
@@ -95,14 +96,17 @@ def extract(
     opts = ExtractOptions(
         model=model, prompts=prompts, out=out, hooks=hooks, layers=layers, revision=revision,
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights, text_field=text_field, max_length=max_length,
+        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field, max_length=max_length,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, dtype=dtype,
         chunk_tokens=chunk_tokens, compressor=compressor, overwrite=overwrite, dry_run=dry_run,
         force=force, command_line=["gdn-dump", *sys.argv[1:]],
     )
     try:
         result = run_extract(opts, None if quiet else RichReporter(_console(stderr=True)))
-    except (GdnDumpError, OSError, ValueError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        _console(stderr=True).print(f"gdn-dump: interrupted; {out} is left in_progress")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # one line, never a traceback (unless --debug)
         _fail(exc, debug)
     if dry_run:
         _console().print(plan_table(result.plan, title=f"plan for {out} (dry run: nothing written)"))
@@ -127,7 +131,7 @@ def hooks(
 
     try:
         catalogue = Catalogue(load_config(model, revision=revision, trust_remote_code=trust_remote_code))
-    except (GdnDumpError, OSError, ValueError) as exc:
+    except Exception as exc:
         _fail(exc, debug)
     table = Table(title=f"hooks of {model} (short GDN names: {', '.join(GDN_HOOKS)})")
     for column in ("hook", "short", "layer", "layer type", "per-token shape", "dims", "kind"):
@@ -152,7 +156,7 @@ def inspect(
     try:
         group = open_store(store)
         rows = store_summary(group)
-    except (GdnDumpError, OSError, ValueError) as exc:
+    except Exception as exc:
         _fail(exc, debug)
     meta = dict(group.attrs[ATTR])
     table = Table(title=f"{store}  [status: {meta.get('status')}]")

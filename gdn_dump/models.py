@@ -162,13 +162,22 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def select_kernels(device: torch.device) -> str:
+KERNEL_CHOICES = ("auto", "torch", "fla")
+
+
+def select_kernels(device: torch.device, kernels: str = "auto") -> str:
     """Bind the GDN chunk kernel and causal conv for ``device``; return the backend's name.
 
-    ``fla`` on CUDA when flash-linear-attention is installed (plus causal-conv1d's kernel when
-    that is installed too), transformers' torch reference everywhere else.
+    ``auto``: ``fla`` on CUDA when flash-linear-attention is installed (plus causal-conv1d's kernel
+    when that is installed too), transformers' torch reference everywhere else. ``torch`` forces
+    the reference (e.g. to compare); ``fla`` requires it.
     """
-    use_fla = device.type == "cuda" and fla_available()
+    if kernels not in KERNEL_CHOICES:
+        raise GdnDumpError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
+    if kernels == "fla" and (device.type != "cuda" or not fla_available()):
+        raise GdnDumpError("--kernels fla needs a CUDA device and flash-linear-attention "
+                           "(pip install 'gdn-dump[gpu]')")
+    use_fla = kernels != "torch" and device.type == "cuda" and fla_available()
     chunk = conv = None
     if use_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk
@@ -205,24 +214,32 @@ def load_model(
     model_dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Load ``name`` (``tiny``, a hub id or a local directory) and boot the bridge on it."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     torch_device = resolve_device(device)
     dtype = resolve_model_dtype(model_dtype, torch_device)
-    backend = select_kernels(torch_device)
     if name == TINY_NAME:
         hf_model, tokenizer = build_tiny_model()
     else:
         hf_model, tokenizer = _load_pretrained(
             name, revision, dtype, trust_remote_code, allow_pickle_weights
         )
-    hf_model = hf_model.to(device=torch_device, dtype=dtype).eval()
+    return wrap_model(hf_model, tokenizer, name=name, revision=revision, device=torch_device,
+                      dtype=dtype, kernels=kernels)
+
+
+def wrap_model(hf_model, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype,
+               revision: str | None = None, kernels: str = "auto") -> LoadedModel:
+    """Boot the bridge on an HF Qwen3.5 text model already in memory (benchmarks use this too)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    backend = select_kernels(device, kernels)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
     config = hf_model.config
     _check_architecture(name, config)
     bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=torch_device, dtype=dtype
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     bridge.eval()
     return LoadedModel(
@@ -232,10 +249,10 @@ def load_model(
         config=config,
         name=name,
         revision=revision,
-        device=torch_device,
+        device=device,
         dtype=dtype,
         kernel_backend=backend,
-        info=model_provenance(name, revision, config, torch_device, dtype, backend),
+        info=model_provenance(name, revision, config, device, dtype, backend),
     )
 
 

@@ -5,6 +5,8 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .capture import Capture, pad_batch
+from .capture import Capture, CapturedBatch, pad_batch
 from .catalogue import Catalogue, HookSpec
 from .errors import GdnDumpError
 from .models import LoadedModel, load_config, load_model, load_tokenizer
@@ -46,6 +48,7 @@ class ExtractOptions:
     model_dtype: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
+    kernels: str = "auto"
     text_field: str = "text"
     max_length: int | None = None
     batch_size: int = 8
@@ -98,6 +101,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         model = model or load_model(
             opts.model, revision=opts.revision, device=opts.device, model_dtype=opts.model_dtype,
             trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
+            kernels=opts.kernels,
         )
         hooks = Catalogue(model.config).select(opts.hooks, opts.layers)
         plan = plan_run(opts, hooks, model.tokenizer, source)
@@ -187,18 +191,24 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     writer = RowWriter(group, plan.arrays)
+    sink = BatchSink(writer, result)
     reporter.start(plan.n_prompts, plan.n_rows)
     started = time.perf_counter()
     try:
         for first, token_lists in batches(source, model.tokenizer, opts.max_length,
                                           opts.batch_size, opts.max_batch_tokens):
-            _run_batch(capture, writer, plan, first, token_lists, pad_id, result)
+            kept = [(first + i, t) for i, t in enumerate(token_lists) if t]
+            if kept:
+                ids, lengths = pad_batch([t for _, t in kept], pad_id)
+                sink.put(capture.run(ids, lengths, first, [p for p, _ in kept]))
             n_tokens = sum(len(t) for t in token_lists)
             result.prompts += len(token_lists)
             result.tokens += n_tokens
             reporter.advance(len(token_lists), n_tokens, writer.bytes_written)
+        sink.close()
         writer.close()
     except BaseException:
+        sink.abort()
         writer.abort()
         raise
     finally:
@@ -207,22 +217,67 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     result.bytes_written = writer.bytes_written
 
 
-def _run_batch(capture: Capture, writer: RowWriter, plan: Plan, first: int,
-               token_lists: list[list[int]], pad_id: int, result: ExtractResult) -> None:
-    kept = [(first + i, t) for i, t in enumerate(token_lists) if t]
-    if not kept:
-        return
-    ids, lengths = pad_batch([t for _, t in kept], pad_id)
-    out = capture.run(ids, lengths)
-    writer.append("tokens", np.concatenate([np.asarray(t, dtype=np.int32) for _, t in kept]))
-    for name, rows in out.rows.items():
-        writer.append(name, rows)
-    for name, matrices in out.matrices.items():
-        for (prompt, _), matrix in zip(kept, matrices):
-            n = matrix.shape[-1]
-            writer.write_region(name, (prompt, slice(None), slice(0, n), slice(0, n)), matrix)
-    for name, count in out.nonfinite.items():
-        result.overflow[name] = result.overflow.get(name, 0) + count
+class BatchSink:
+    """Hands captured batches to the writer on a thread of its own.
+
+    The forward loop never waits for a batch's device-to-host copies: this thread does, then
+    converts the rows to numpy and feeds the :class:`RowWriter`. The queue holds at most
+    ``max_batches`` batches, which bounds host memory and holds capture back when writing lags.
+    """
+
+    def __init__(self, writer: RowWriter, result: ExtractResult, max_batches: int = 2):
+        self.writer = writer
+        self.result = result
+        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="gdn-dump-sink", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: CapturedBatch) -> None:
+        self._raise_if_failed()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        self._error = self._error or _Aborted()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self._write(batch)
+            except BaseException as exc:  # surfaced on the forward loop's thread
+                self._error = exc
+
+    def _write(self, batch: CapturedBatch) -> None:
+        batch.wait()
+        self.writer.append("tokens", batch.tokens)
+        for name, rows in batch.numpy_rows():
+            self.writer.append(name, rows)
+        for name, matrices in batch.matrices.items():
+            for prompt, matrix in zip(batch.prompts, matrices):
+                n = matrix.shape[-1]
+                self.writer.write_region(name, (prompt, slice(None), slice(0, n), slice(0, n)), matrix)
+        for name, count in batch.overflow().items():
+            self.result.overflow[name] = self.result.overflow.get(name, 0) + count
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Aborted):
+            raise self._error
+
+
+class _Aborted(Exception):
+    """Marks a sink stopped on purpose: queued batches are dropped."""
 
 
 def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) -> dict:
