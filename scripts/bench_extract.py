@@ -15,8 +15,9 @@ the byte-level ``tiny`` tokenizer, and prompts of random ASCII letters that toke
 - ``extract``: ``gdn_dump.pipeline.extract`` with the default hooks, into a temporary directory;
   the whole call is timed (planning, store creation, capture, writing, finalising).
 
-Each contender is warmed up once on one batch; then the contenders alternate in rounds
-(A, B, C, A, B, C, ...) for ``--repeats`` rounds; the median per contender is reported (and the
+Each contender is warmed up once on one batch; then the contenders alternate in rounds, the order
+rotated each round (A, B, C, then B, C, A, ...) and dirty pages flushed (``os.sync``) before each
+timed run, so no contender pays for another's writeback, for ``--repeats`` rounds; the median per contender is reported (and the
 fastest run, since contention only ever slows a run down), with the CPU / IO stall seconds of
 each run from /proc/pressure to flag runs hit by other load. After the rounds, one vector hook and
 one scalar hook of the naive store and of the extract store are compared value for value.
@@ -277,9 +278,13 @@ def main(argv=None) -> None:
         stalls: dict[str, list[str]] = {name: [] for name in contenders}
         for r in range(args.repeats):
             last = r == args.repeats - 1
-            for name, (fn, _) in contenders.items():
+            names = list(contenders)
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate: nobody always follows the same peer
+            for name in order:
+                fn = contenders[name][0]
                 out = tmp / f"{name}.zarr"
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # flush the previous contender's dirty pages so its writeback is not timed here
                 p0, t = pressure(), time.perf_counter()
                 fn(out)
                 times[name].append(time.perf_counter() - t)
