@@ -39,6 +39,8 @@ class CapturedBatch:
     overflow_names: list[str] = field(default_factory=list)
     overflow_counts: torch.Tensor | None = None  # host, aligned with overflow_names
     ready: torch.cuda.Event | None = None
+    residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per kept prompt
+    n_prompts: int = 0  # prompts of the batch, empty ones included
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -63,15 +65,20 @@ class CapturedBatch:
 class Capture:
     """Runs prefill on padded batches and collects the selected hooks."""
 
-    def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device):
+    def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device,
+                 attention=None):
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
+        self.attention = attention  # an attn_capture.AttentionCapture, or None
         self.dtypes = {h.name: SCALAR_DTYPE if h.scalar else storage_dtype for h in hooks}
-        self.stop_at_layer = _stop_layer(hooks)
+        attn_layers = [a.layer for a in attention.layers] if attention else []
+        self.stop_at_layer = _stop_layer(hooks, attn_layers)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._fwd_hooks = [(h.name, self._hook_fn(h)) for h in hooks]
+        if attention is not None:
+            self._fwd_hooks += attention.fwd_hooks()
         self._index: torch.Tensor | None = None
         self._lengths: list[int] = []
         self._batch: CapturedBatch | None = None
@@ -101,6 +108,12 @@ class Capture:
                 f"hook(s) did not fire: {', '.join(missing[:5])}; the GDN interior hooks fire only "
                 "on the bridge's prefill path (use_cache=False)"
             )
+        if self.attention is not None:
+            try:
+                matrices, batch.residuals = self.attention.finish(lengths)
+            except KeyError as exc:
+                raise RunFailure(f"hook {exc} did not fire; the attention matrices need it") from None
+            batch.matrices.update(matrices)
         self._finish_overflow(batch)
         if self.cuda:
             batch.ready = torch.cuda.Event()
@@ -161,11 +174,11 @@ class Capture:
         batch.overflow_counts = self._to_host(counts) if self.cuda else counts
 
 
-def _stop_layer(hooks: list[HookSpec]) -> int | None:
+def _stop_layer(hooks: list[HookSpec], extra_layers: list[int] = ()) -> int | None:
     """Stop the forward after the last layer that has a selected hook (skips the unembed)."""
     if any(h.layer_type == MODEL for h in hooks):
         return None
-    return max(h.layer for h in hooks) + 1
+    return max([h.layer for h in hooks] + list(extra_layers)) + 1
 
 
 def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:

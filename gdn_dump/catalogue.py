@@ -173,10 +173,13 @@ class Catalogue:
     def gdn_hook(self, layer: int, short: str) -> HookSpec:
         return self.specs[f"blocks.{layer}.linear_attn.{GDN_HOOKS[short][0]}"]
 
-    def select(self, hooks: str | list[str] | None, layers: str | None) -> list[HookSpec]:
+    def select(self, hooks: str | list[str] | None, layers: str | None, *,
+               allow_empty: bool = False) -> list[HookSpec]:
         """Resolve ``--hooks`` and ``--layers`` to specs, in layer order, without duplicates."""
-        layer_list = self.parse_layers(layers)
         items = _split(hooks) if hooks is not None else list(DEFAULT_HOOKS)
+        if not items and allow_empty:
+            return []
+        layer_list = self.parse_layers(layers)
         if not items:
             raise SelectionError("--hooks selects nothing; give short names or full hook names")
         selected: dict[str, HookSpec] = {}

@@ -57,65 +57,182 @@ def _fail(exc: BaseException, debug: bool) -> None:
     raise typer.Exit(code)
 
 
+def _size(text: str) -> int:
+    """``16GiB``, ``500MB``, ``1e9`` -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20,
+             "g": 2**30, "t": 2**40}
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    try:
+        return int(float(number) * units[raw[len(number):]])
+    except (KeyError, ValueError):
+        raise GdnDumpError(f"cannot read the size {text!r}; use e.g. 16GiB, 500MB or 1000000") from None
+
+
+# Options shared by extract and attn-matrix (Typer has no option groups: one definition, two uses).
 ModelOpt = typer.Option(..., "--model", "-m", help="'tiny', a Hugging Face id or a local checkpoint directory.")
+PromptsOpt = typer.Option(..., "--prompts", "-p", help="Prompt file: .txt (a prompt per line), .jsonl, or - for stdin.")
+OutOpt = typer.Option(..., "--out", "-o", help="The Zarr store to write.")
+RevisionOpt = typer.Option(None, help="Model revision (branch, tag or commit).")
+DeviceOpt = typer.Option("auto", help="auto, cuda[:N] or cpu.")
+ModelDtypeOpt = typer.Option(None, help="Model dtype: float32, float16 or bfloat16 (default bfloat16 on CUDA, float32 on CPU).")
+RemoteCodeOpt = typer.Option(False, help="Allow the checkpoint's own Python code to run.")
+PickleOpt = typer.Option(False, help="Allow non-safetensors (pickle) weight files.")
+KernelsOpt = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when installed, else torch), torch, fla.")
+TextFieldOpt = typer.Option("text", help="jsonl field that holds the prompt.")
+MaxLengthOpt = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded).")
+MaxBatchTokensOpt = typer.Option(None, help="Most padded tokens per batch.")
+OverwriteOpt = typer.Option(False, help="Replace an existing --out.")
+DryRunOpt = typer.Option(False, help="Print the plan and exit without loading weights or writing anything.")
+ForceOpt = typer.Option(False, help="Run even if the estimate exceeds the free disk space.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or tables.")
+ConfigOpt = typer.Option(None, help="TOML file of option values (keys = option names).", callback=_load_config, is_eager=True)
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+HeadsOpt = typer.Option(None, "--heads", help="Heads of each matrix layer: 'all' (default) or a list like 0,2,5-7.")
+ModeOpt = typer.Option("exact", "--mode", help="exact (the GDN output decomposition) or heuristic (TransformerLens's formula).")
+MethodOpt = typer.Option("chunked", "--method", help="Exact GDN matrix: chunked (identity-value chunk kernel, O(L^2 d_k)) or closed_form (triangular solve, O(L^3)).")
+PrecisionOpt = typer.Option("float32", "--precision", help="Compute the GDN matrix in float32 or float64 (stored as float32).")
+MaxBytesOpt = typer.Option("16GiB", "--max-bytes", help="Refuse a run whose attention matrices would exceed this (e.g. 16GiB).")
+
+
+def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log: bool = False,
+         png_max_prompts: int = 4) -> None:
+    """Run the library's extract and report: the CLI commands differ only in their options."""
+    from .pipeline import extract as run_extract
+    from .report import RichReporter, plan_table, summary_table
+
+    err = _console(stderr=True)
+    try:
+        result = run_extract(opts, None if quiet else RichReporter(err))
+        written = _draw(opts, result, png, png_log, png_max_prompts) if png and not opts.dry_run else []
+    except KeyboardInterrupt:
+        err.print(f"gdn-dump: interrupted; {opts.out} is left in_progress")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # one line, never a traceback (unless --debug)
+        _fail(exc, debug)
+    if opts.dry_run:
+        _console().print(plan_table(result.plan, title=f"plan for {opts.out} (dry run: nothing written)"))
+        return
+    for name, count in result.overflow.items():
+        err.print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf when cast to "
+                  f"{result.plan.storage_dtype}; use --dtype float32")
+    if not quiet:
+        err.print(summary_table(result))
+        if written:
+            err.print(f"{len(written)} heatmaps in {png}")
+
+
+def _draw(opts, result, png: Path, log_scale: bool, max_prompts: int) -> list:
+    import zarr
+
+    from .plots import attention_heatmaps
+
+    group = zarr.open_group(str(opts.out), mode="r")
+    return attention_heatmaps(group, png, result.model.tokenizer, max_prompts=max_prompts,
+                              log_scale=log_scale)
 
 
 @app.command()
 def extract(
     model: str = ModelOpt,
-    prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt file: .txt (a prompt per line), .jsonl, or - for stdin."),
-    out: str = typer.Option(..., "--out", "-o", help="The Zarr store to write."),
+    prompts: str = PromptsOpt,
+    out: str = OutOpt,
     hooks: Optional[str] = typer.Option(None, help="Short GDN hook names for every selected layer and/or full TransformerLens hook names, comma separated. Default: q_pre_conv,k_pre_conv,v_pre_conv,q,k,v,beta,log_decay,recurrence_out."),
     layers: str = typer.Option("all", help="GDN layers for the short hook names: 'all', or indices and ranges like 0,1,4-6."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
-    device: str = typer.Option("auto", help="auto, cuda[:N] or cpu."),
-    model_dtype: Optional[str] = typer.Option(None, help="Model dtype: float32, float16 or bfloat16 (default bfloat16 on CUDA, float32 on CPU)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the checkpoint's own Python code to run."),
-    allow_pickle_weights: bool = typer.Option(False, help="Allow non-safetensors (pickle) weight files."),
-    kernels: str = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when installed, else torch), torch, fla."),
-    text_field: str = typer.Option("text", help="jsonl field that holds the prompt."),
-    max_length: Optional[int] = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded)."),
+    attn_layers: Optional[str] = typer.Option(None, help="Also store the attention matrix (blocks.<i>.attn_matrix) of these layers: 'all' or a list."),
+    attn_heads: Optional[str] = HeadsOpt,
+    attn_mode: str = ModeOpt,
+    attn_method: str = MethodOpt,
+    attn_precision: str = PrecisionOpt,
+    max_bytes: str = MaxBytesOpt,
+    revision: Optional[str] = RevisionOpt,
+    device: str = DeviceOpt,
+    model_dtype: Optional[str] = ModelDtypeOpt,
+    trust_remote_code: bool = RemoteCodeOpt,
+    allow_pickle_weights: bool = PickleOpt,
+    kernels: str = KernelsOpt,
+    text_field: str = TextFieldOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     batch_size: int = typer.Option(8, help="Prompts per batch."),
-    max_batch_tokens: Optional[int] = typer.Option(None, help="Most padded tokens per batch."),
+    max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
     dtype: str = typer.Option("float16", help="Storage dtype of vector hooks: float32, float16 or bfloat16 (per-head scalars stay float32)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Token rows per chunk (default: a few MB per chunk)."),
     compressor: str = typer.Option("none", help="none, zstd or blosc."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
-    dry_run: bool = typer.Option(False, help="Print the plan and exit without running the model."),
-    force: bool = typer.Option(False, help="Run even if the estimate exceeds the free disk space."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
-    config: Optional[Path] = typer.Option(None, help="TOML file of option values (keys = option names).", callback=_load_config, is_eager=True),
+    overwrite: bool = OverwriteOpt,
+    dry_run: bool = DryRunOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Run prefill over the prompts and stream the selected hooks into a Zarr store."""
     from .pipeline import ExtractOptions
-    from .pipeline import extract as run_extract
-    from .report import RichReporter, plan_table, summary_table
 
-    opts = ExtractOptions(
+    try:
+        budget = _size(max_bytes)
+    except GdnDumpError as exc:
+        _fail(exc, debug)
+    _run(ExtractOptions(
         model=model, prompts=prompts, out=out, hooks=hooks, layers=layers, revision=revision,
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field, max_length=max_length,
-        batch_size=batch_size, max_batch_tokens=max_batch_tokens, dtype=dtype,
+        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
+        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens, dtype=dtype,
         chunk_tokens=chunk_tokens, compressor=compressor, overwrite=overwrite, dry_run=dry_run,
-        force=force, command_line=["gdn-dump", *sys.argv[1:]],
-    )
+        force=force, attn_layers=attn_layers, attn_heads=attn_heads, attn_mode=attn_mode,
+        attn_method=attn_method, attn_precision=attn_precision, max_attn_bytes=budget,
+        command_line=["gdn-dump", *sys.argv[1:]],
+    ), quiet=quiet, debug=debug)
+
+
+@app.command("attn-matrix")
+def attn_matrix(
+    model: str = ModelOpt,
+    prompts: str = PromptsOpt,
+    out: str = OutOpt,
+    layer: str = typer.Option("all", "--layer", "--layers", help="Layers: 'all' or indices and ranges like 3 or 0,4-6. GDN layers give the effective attention, softmax layers their hook_pattern."),
+    heads: Optional[str] = HeadsOpt,
+    mode: str = ModeOpt,
+    method: str = MethodOpt,
+    precision: str = PrecisionOpt,
+    max_bytes: str = MaxBytesOpt,
+    png: Optional[Path] = typer.Option(None, help="Write a heatmap per (prompt, layer, head) into this directory."),
+    png_log: bool = typer.Option(False, help="Log colour scale (of |M|) for the heatmaps."),
+    png_max_prompts: int = typer.Option(4, help="Heatmaps for this many prompts (the first ones)."),
+    revision: Optional[str] = RevisionOpt,
+    device: str = DeviceOpt,
+    model_dtype: Optional[str] = ModelDtypeOpt,
+    trust_remote_code: bool = RemoteCodeOpt,
+    allow_pickle_weights: bool = PickleOpt,
+    kernels: str = KernelsOpt,
+    text_field: str = TextFieldOpt,
+    max_length: Optional[int] = MaxLengthOpt,
+    batch_size: int = typer.Option(1, help="Prompts per batch."),
+    max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
+    overwrite: bool = OverwriteOpt,
+    dry_run: bool = DryRunOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Store attention matrices: the exact effective attention of GDN layers (M with o_i = sum_j
+    M[i,j] v_j, checked against the layer's output on every prompt) and softmax patterns."""
+    from .pipeline import ExtractOptions
+
     try:
-        result = run_extract(opts, None if quiet else RichReporter(_console(stderr=True)))
-    except KeyboardInterrupt:
-        _console(stderr=True).print(f"gdn-dump: interrupted; {out} is left in_progress")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # one line, never a traceback (unless --debug)
+        budget = _size(max_bytes)
+    except GdnDumpError as exc:
         _fail(exc, debug)
-    if dry_run:
-        _console().print(plan_table(result.plan, title=f"plan for {out} (dry run: nothing written)"))
-        return
-    for name, count in result.overflow.items():
-        _console(stderr=True).print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf "
-                          f"when cast to {result.plan.storage_dtype}; use --dtype float32")
-    if not quiet:
-        _console(stderr=True).print(summary_table(result))
+    _run(ExtractOptions(
+        model=model, prompts=prompts, out=out, hooks="", revision=revision, device=device,
+        model_dtype=model_dtype, trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
+        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
+        attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=budget,
+        command_line=["gdn-dump", *sys.argv[1:]],
+    ), quiet=quiet, debug=debug, png=png, png_log=png_log, png_max_prompts=png_max_prompts)
 
 
 @app.command()

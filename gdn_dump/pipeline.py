@@ -15,13 +15,15 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .capture import Capture, CapturedBatch, pad_batch
-from .catalogue import Catalogue, HookSpec
-from .errors import GdnDumpError
+from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
+from .catalogue import Catalogue
+from .errors import GdnDumpError, RunFailure
 from .models import LoadedModel, load_config, load_model, load_tokenizer
 from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .store import (
     COMPLETE,
+    FAILED,
     RowWriter,
     check_out,
     compressors_for,
@@ -59,6 +61,12 @@ class ExtractOptions:
     overwrite: bool = False
     dry_run: bool = False
     force: bool = False
+    attn_layers: str | None = None  # layers whose attention matrix is stored ("all", lists)
+    attn_heads: str | None = None
+    attn_mode: str = "exact"  # or "heuristic" (TransformerLens's formula)
+    attn_method: str = "chunked"  # or closed_form
+    attn_precision: str = "float32"
+    max_attn_bytes: int = 16 << 30
     command_line: list[str] = field(default_factory=list)
 
 
@@ -71,6 +79,7 @@ class ExtractResult:
     prompts: int = 0
     bytes_written: int = 0
     overflow: dict[str, int] = field(default_factory=dict)
+    residuals: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # max, sum, n
     model: LoadedModel | None = None
 
 
@@ -85,38 +94,63 @@ class Reporter:
 
 def extract(opts: ExtractOptions, reporter: Reporter | None = None,
             model: LoadedModel | None = None) -> ExtractResult:
-    """Run ``gdn-dump extract``: plan, create the store, stream every batch into it, finalize."""
+    """Run ``gdn-dump extract``: plan, create the store, stream every batch into it, finalize.
+
+    Everything a user can get wrong is checked before the weights load: the output path, the
+    prompt file, the hook and layer selection, the matrix budget and the free disk space.
+    """
     reporter = reporter or Reporter()
     _validate(opts)
     if not opts.dry_run:
         check_out(opts.out, overwrite=opts.overwrite)
     with open_prompts(opts.prompts, text_field=opts.text_field) as source:
-        if opts.dry_run and model is None:  # the plan needs the config and tokenizer, no weights
+        if model is None:
             config = load_config(opts.model, revision=opts.revision,
                                  trust_remote_code=opts.trust_remote_code)
             tokenizer = load_tokenizer(opts.model, revision=opts.revision,
                                        trust_remote_code=opts.trust_remote_code)
-            hooks = Catalogue(config).select(opts.hooks, opts.layers)
-            return ExtractResult(plan=plan_run(opts, hooks, tokenizer, source), out=Path(opts.out))
-        model = model or load_model(
-            opts.model, revision=opts.revision, device=opts.device, model_dtype=opts.model_dtype,
-            trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
-            kernels=opts.kernels,
-        )
-        hooks = Catalogue(model.config).select(opts.hooks, opts.layers)
-        plan = plan_run(opts, hooks, model.tokenizer, source)
+        else:
+            config, tokenizer = model.config, model.tokenizer
+        plan = plan_run(opts, Catalogue(config), tokenizer, source)
         result = ExtractResult(plan=plan, out=Path(opts.out), model=model)
+        if plan.attn_layers:
+            check_budget(plan.attn_layers, plan.prompt_lengths, opts.max_attn_bytes)
         if opts.dry_run:
             return result
         if not opts.force:
             check_free_space(opts.out, plan.total_bytes)
+        model = result.model = model or load_model(
+            opts.model, revision=opts.revision, device=opts.device, model_dtype=opts.model_dtype,
+            trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
+            kernels=opts.kernels,
+        )
         provenance = _provenance(opts, model, plan, source)
         group = create_store(opts.out, plan, provenance, overwrite=opts.overwrite,
                              compressor=opts.compressor, prompt_ids=(p.id for p in source))
         _run(opts, model, plan, source, group, result, reporter)
-    set_status(group, COMPLETE, finished=now_iso(), seconds=round(result.seconds, 3),
-               overflow=result.overflow)
+    _finalize(group, plan, result)
     return result
+
+
+def _finalize(group, plan: Plan, result: ExtractResult) -> None:
+    """Record the faithfulness of the matrices; ``complete`` only if every check holds."""
+    failures = []
+    for a in plan.attn_layers:
+        stats = result.residuals.get(a.name)
+        if stats is None:
+            continue
+        worst, total, count = stats
+        group[a.name].attrs.update({"residual_max": worst, "residual_mean": total / max(count, 1),
+                                    "residual_limit": RESIDUAL_LIMIT})
+        if worst > RESIDUAL_LIMIT:
+            failures.append(f"{a.name}: ||M V - o|| / ||o|| = {worst:.2e}")
+    common = dict(finished=now_iso(), seconds=round(result.seconds, 3), overflow=result.overflow)
+    if failures:
+        message = (f"the effective attention does not reproduce the layer output (limit "
+                   f"{RESIDUAL_LIMIT:g}): {'; '.join(failures)}")
+        set_status(group, FAILED, failure=message, **common)
+        raise RunFailure(message)
+    set_status(group, COMPLETE, **common)
 
 
 def _validate(opts: ExtractOptions) -> None:
@@ -129,15 +163,19 @@ def _validate(opts: ExtractOptions) -> None:
         raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
 
 
-def plan_run(opts: ExtractOptions, hooks: list[HookSpec], tokenizer, source: PromptSource) -> Plan:
-    """Tokenise every prompt once for its length, then lay out the store."""
+def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource) -> Plan:
+    """Resolve the selection, tokenise every prompt once for its length, lay out the store."""
+    attn_layers = (select_attn_layers(catalogue, opts.attn_layers, opts.attn_heads)
+                   if opts.attn_layers else [])
+    hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
     lengths = np.empty(source.count, dtype=np.int64)
     truncated = 0
     for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length):
         lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
         truncated += sum(raw > len(t) for raw, t in zip(raw_lengths, token_lists))
     return make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
-                     max_length=opts.max_length, truncated=truncated)
+                     max_length=opts.max_length, truncated=truncated, attn_layers=attn_layers,
+                     attn_mode=opts.attn_mode)
 
 
 def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None):
@@ -187,11 +225,13 @@ def batches(source: Iterable, tokenizer, max_length: int | None, batch_size: int
 
 def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractResult,
          reporter: Reporter) -> None:
-    capture = Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device)
+    attention = (AttentionCapture(plan.attn_layers, mode=opts.attn_mode, method=opts.attn_method,
+                                  precision=opts.attn_precision) if plan.attn_layers else None)
+    capture = Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device, attention)
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     writer = RowWriter(group, plan.arrays)
-    sink = BatchSink(writer, result)
+    sink = BatchSink(writer, result, {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None})
     reporter.start(plan.n_prompts, plan.n_rows)
     started = time.perf_counter()
     try:
@@ -200,7 +240,11 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
             kept = [(first + i, t) for i, t in enumerate(token_lists) if t]
             if kept:
                 ids, lengths = pad_batch([t for _, t in kept], pad_id)
-                sink.put(capture.run(ids, lengths, first, [p for p, _ in kept]))
+                batch = capture.run(ids, lengths, first, [p for p, _ in kept])
+            else:  # only empty prompts: nothing to run, but per-prompt streams move on
+                batch = CapturedBatch(first, [], np.zeros(0, np.int32))
+            batch.n_prompts = len(token_lists)
+            sink.put(batch)
             n_tokens = sum(len(t) for t in token_lists)
             result.prompts += len(token_lists)
             result.tokens += n_tokens
@@ -225,9 +269,11 @@ class BatchSink:
     ``max_batches`` batches, which bounds host memory and holds capture back when writing lags.
     """
 
-    def __init__(self, writer: RowWriter, result: ExtractResult, max_batches: int = 2):
+    def __init__(self, writer: RowWriter, result: ExtractResult, tiles: dict[str, int],
+                 max_batches: int = 2):
         self.writer = writer
         self.result = result
+        self.tiles = tiles  # attention-matrix array -> tile edge
         self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="gdn-dump-sink", daemon=True)
@@ -265,9 +311,16 @@ class BatchSink:
         for name, rows in batch.numpy_rows():
             self.writer.append(name, rows)
         for name, matrices in batch.matrices.items():
+            tile = self.tiles[name]
             for prompt, matrix in zip(batch.prompts, matrices):
-                n = matrix.shape[-1]
-                self.writer.write_region(name, (prompt, slice(None), slice(0, n), slice(0, n)), matrix)
+                self.writer.write_matrix(name, prompt, matrix, tile)
+        for name, values in batch.residuals.items():
+            rows = np.zeros(batch.n_prompts)  # an empty prompt has nothing to reproduce
+            rows[[p - batch.first_prompt for p in batch.prompts]] = values
+            self.writer.append(name.replace("attn_matrix", "attn_residual"), rows)
+            worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
+            self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
+                                           count + len(values))
         for name, count in batch.overflow().items():
             self.result.overflow[name] = self.result.overflow.get(name, 0) + count
 
@@ -294,5 +347,8 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) ->
         "truncated": plan.truncated,
         "n_rows": plan.n_rows,
         "batch_size": opts.batch_size,
+        "attention": {"layers": [a.layer for a in plan.attn_layers], "mode": opts.attn_mode,
+                      "method": opts.attn_method, "precision": opts.attn_precision}
+        if plan.attn_layers else None,
         "max_batch_tokens": opts.max_batch_tokens,
     }

@@ -20,8 +20,8 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SCALAR_DTYPE = "float32"
 TARGET_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_TOKENS = 1 << 20
-ATTENTION_TILE = 128
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+ATTENTION_TILE = 256
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ArraySpec:
     dims: tuple[str, ...]
     hook: HookSpec | None = None
     attrs: dict = field(default_factory=dict, hash=False, compare=False)
+    stream: str | None = "token"  # rows arrive in order along "token" or "prompt"; None: regions
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +47,7 @@ class ArraySpec:
 
     @property
     def per_token(self) -> bool:
-        return self.dims[0] == "token"
+        return self.stream == "token"
 
 
 @dataclass
@@ -61,6 +62,16 @@ class Plan:
     storage_dtype: str
     max_length: int | None
     truncated: int
+    attn_layers: list = field(default_factory=list)  # AttnLayer, see attn_capture
+    attn_mode: str = "exact"
+
+    @property
+    def matrix_bytes(self) -> int:
+        """Bytes the attention matrices cost (tiles past each prompt's length are never written)."""
+        squares = int(np.square(self.prompt_lengths).sum())
+        heads = sum(len(a.heads) for a in self.attn_layers)
+        heads += sum(a.hook.shape[0] for a in self.arrays if a.hook and a.hook.kind == ATTENTION_MATRIX)
+        return heads * squares * 4
 
     @property
     def n_prompts(self) -> int:
@@ -68,7 +79,8 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+        """Bytes written: the per-token arrays in full, the attention matrices as written."""
+        return sum(a.nbytes for a in self.arrays if a.stream is not None) + self.matrix_bytes
 
     @property
     def bytes_per_token(self) -> int:
@@ -97,6 +109,8 @@ def make_plan(
     max_length: int | None = None,
     truncated: int = 0,
     target_chunk_bytes: int = TARGET_CHUNK_BYTES,
+    attn_layers: list | tuple = (),
+    attn_mode: str = "exact",
 ) -> Plan:
     if storage_dtype not in STORAGE_DTYPES:
         raise GdnDumpError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
@@ -116,14 +130,12 @@ def make_plan(
         return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_rows, 1))))
 
     arrays = [ArraySpec("tokens", (n_rows,), "int32", (token_chunks(4),), ("token",))]
+    n_prompts = len(lengths)
     for hook in hooks:
         if hook.kind == ATTENTION_MATRIX:
-            tile = min(ATTENTION_TILE, max(l_max, 1))
-            arrays.append(ArraySpec(
-                hook.name, (len(lengths), *hook.shape, l_max, l_max), "float32",
-                (1, 1, tile, tile), ("prompt", *hook.dims, "query", "key"), hook,
-                {"kind": "softmax" if hook.name.endswith("hook_pattern") else "softmax_scores"},
-            ))
+            kind = "softmax" if hook.name.endswith("hook_pattern") else "softmax_scores"
+            arrays.append(_matrix_spec(hook.name, n_prompts, hook.shape[0], hook.dims[0], l_max,
+                                       {"kind": kind}, hook))
             continue
         dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
         row_bytes = int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
@@ -131,7 +143,25 @@ def make_plan(
             hook.name, (n_rows, *hook.shape), dtype, (token_chunks(row_bytes), *hook.shape),
             ("token", *hook.dims), hook,
         ))
-    return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated)
+    for a in attn_layers:
+        attrs = {"kind": a.kind(attn_mode), "layer": a.layer, "layer_type": a.layer_type,
+                 "heads": list(a.heads)}
+        arrays.append(_matrix_spec(a.name, n_prompts, len(a.heads), a.head_dim, l_max, attrs))
+        if a.layer_type == "gdn" and attn_mode == "exact":
+            arrays.append(ArraySpec(f"blocks.{a.layer}.attn_residual", (n_prompts,), "float64",
+                                    (max(1, min(n_prompts, 1 << 16)),), ("prompt",),
+                                    attrs={"meaning": "||M V - recurrence_out|| / ||recurrence_out||"},
+                                    stream="prompt"))
+    return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
+                list(attn_layers), attn_mode)
+
+
+def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: int, attrs: dict,
+                 hook: HookSpec | None = None) -> ArraySpec:
+    """``[n_prompts, heads, L_max, L_max]`` float32 in square tiles, one prompt and head per chunk."""
+    tile = min(ATTENTION_TILE, max(l_max, 1))
+    return ArraySpec(name, (n_prompts, n_heads, l_max, l_max), "float32", (1, 1, tile, tile),
+                     ("prompt", head_dim, "query", "key"), hook, attrs, stream=None)
 
 
 def check_free_space(out: str | Path, needed: int) -> None:

@@ -58,10 +58,13 @@ def plan_table(plan: Plan, title: str = "plan") -> Table:
         table.add_column(column, justify="right" if column == "bytes" else "left",
                          overflow="fold")
     for spec in plan.arrays:
+        size = format_bytes(spec.nbytes) if spec.stream else f"<= {format_bytes(spec.nbytes)}"
         table.add_row(spec.name, str(spec.shape), spec.dtype, str(spec.chunks),
-                      ",".join(spec.dims), format_bytes(spec.nbytes))
+                      ",".join(spec.dims), size)
     table.caption = (f"{plan.n_prompts} prompts, {plan.n_rows} token rows, "
                      f"{len(plan.arrays)} arrays, {format_bytes(plan.total_bytes)} uncompressed"
+                     + (f" (attention matrices: {format_bytes(plan.matrix_bytes)}, only tiles on or "
+                        "below the diagonal written)" if plan.matrix_bytes else "")
                      + (f", {plan.truncated} prompts truncated to {plan.max_length} tokens"
                         if plan.truncated else ""))
     return table
@@ -86,4 +89,6 @@ def summary_table(result: ExtractResult) -> Table:
         table.add_row(what, value)
     for name, count in result.overflow.items():
         table.add_row(f"[red]overflow in {name}", f"{count:,} values")
+    for name, (worst, total, n) in sorted(result.residuals.items()):
+        table.add_row(f"{name} ||MV-o||/||o||", f"max {worst:.1e}, mean {total / max(n, 1):.1e}")
     return table

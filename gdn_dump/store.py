@@ -25,6 +25,7 @@ from .plan import ArraySpec, Plan
 ATTR = "gdn_dump"
 IN_PROGRESS = "in_progress"
 COMPLETE = "complete"
+FAILED = "failed"
 _COMPRESSORS = ("none", "zstd", "blosc")
 
 
@@ -130,7 +131,7 @@ class RowWriter:
                  max_pending: int = 8):
         self._arrays = {spec.name: group[spec.name] for spec in arrays}
         self._buffers: dict[str, _ChunkBuffer] = {
-            spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.per_token
+            spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.stream
         }
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -147,6 +148,18 @@ class RowWriter:
         """Queue a write of ``block`` at ``selection`` (for arrays not laid out by token rows)."""
         self._raise_if_failed()
         self._queue.put((name, selection, block))
+
+    def write_matrix(self, name: str, prompt: int, matrix: np.ndarray, tile: int) -> None:
+        """Queue ``matrix`` ``[heads, n, n]`` (lower triangular) as prompt ``prompt`` of ``name``.
+
+        One write per row of tiles, covering only the tiles on or below the diagonal: tiles above
+        it or past the prompt's length are never written (they read back as the fill value 0).
+        """
+        n = matrix.shape[-1]
+        for top in range(0, n, tile):
+            bottom = min(top + tile, n)
+            self.write_region(name, (prompt, slice(None), slice(top, bottom), slice(0, bottom)),
+                              np.ascontiguousarray(matrix[:, top:bottom, :bottom]))
 
     def close(self) -> None:
         for name, buffer in self._buffers.items():
