@@ -5,8 +5,6 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from .prompts import PromptSource, open_prompts
 from .store import (
     COMPLETE,
     FAILED,
+    BackgroundWorker,
     RowWriter,
     check_out,
     compressors_for,
@@ -261,12 +260,12 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     result.bytes_written = writer.bytes_written
 
 
-class BatchSink:
+class BatchSink(BackgroundWorker):
     """Hands captured batches to the writer on a thread of its own.
 
     The forward loop never waits for a batch's device-to-host copies: this thread does, then
-    converts the rows to numpy and feeds the :class:`RowWriter`. The queue holds at most
-    ``max_batches`` batches, which bounds host memory and holds capture back when writing lags.
+    converts the rows to numpy and feeds the :class:`RowWriter`. At most ``max_batches`` batches
+    wait, which bounds host memory and holds capture back when writing lags.
     """
 
     def __init__(self, writer: RowWriter, result: ExtractResult, tiles: dict[str, int],
@@ -274,38 +273,9 @@ class BatchSink:
         self.writer = writer
         self.result = result
         self.tiles = tiles  # attention-matrix array -> tile edge
-        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="gdn-dump-sink", daemon=True)
-        self._thread.start()
+        super().__init__("gdn-dump-sink", max_batches)
 
-    def put(self, batch: CapturedBatch) -> None:
-        self._raise_if_failed()
-        self._queue.put(batch)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
-
-    def abort(self) -> None:
-        self._error = self._error or _Aborted()
-        self._queue.put(None)
-        self._thread.join()
-
-    def _drain(self) -> None:
-        while True:
-            batch = self._queue.get()
-            if batch is None:
-                return
-            if self._error is not None:
-                continue
-            try:
-                self._write(batch)
-            except BaseException as exc:  # surfaced on the forward loop's thread
-                self._error = exc
-
-    def _write(self, batch: CapturedBatch) -> None:
+    def handle(self, batch: CapturedBatch) -> None:
         batch.wait()
         self.writer.append("tokens", batch.tokens)
         for name, rows in batch.numpy_rows():
@@ -323,14 +293,6 @@ class BatchSink:
                                            count + len(values))
         for name, count in batch.overflow().items():
             self.result.overflow[name] = self.result.overflow.get(name, 0) + count
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None and not isinstance(self._error, _Aborted):
-            raise self._error
-
-
-class _Aborted(Exception):
-    """Marks a sink stopped on purpose: queued batches are dropped."""
 
 
 def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) -> dict:

@@ -118,7 +118,58 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class RowWriter:
+class BackgroundWorker:
+    """A thread that handles queued items in order, behind a bounded queue.
+
+    The bound gives back-pressure (a slow consumer holds the producer back instead of growing
+    memory). The first error stops the handling of later items and is raised on the producer's
+    thread at its next ``put`` or at ``close``.
+    """
+
+    def __init__(self, name: str, max_pending: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
+        self._thread.start()
+
+    def handle(self, item) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def put(self, item) -> None:
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait until every queued item is handled; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Drop what is still queued and stop."""
+        self._aborted = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None or self._aborted:
+                continue
+            try:
+                self.handle(item)
+            except BaseException as exc:  # surfaced on the producer's thread
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class RowWriter(BackgroundWorker):
     """Sequential writer of token rows into whole, aligned chunks, on a background thread.
 
     ``append(name, rows)`` takes the next rows of an array, in row order. Rows wait in a per-array
@@ -133,21 +184,16 @@ class RowWriter:
         self._buffers: dict[str, _ChunkBuffer] = {
             spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.stream
         }
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
         self.bytes_written = 0
-        self._thread = threading.Thread(target=self._drain, name="gdn-dump-writer", daemon=True)
-        self._thread.start()
+        super().__init__("gdn-dump-writer", max_pending)
 
     def append(self, name: str, rows: np.ndarray) -> None:
-        self._raise_if_failed()
         for start, block in self._buffers[name].add(rows):
-            self._queue.put((name, start, block))
+            self.put((name, slice(start, start + len(block)), block))
 
     def write_region(self, name: str, selection: tuple, block: np.ndarray) -> None:
-        """Queue a write of ``block`` at ``selection`` (for arrays not laid out by token rows)."""
-        self._raise_if_failed()
-        self._queue.put((name, selection, block))
+        """Queue a write of ``block`` at ``selection`` (for arrays not laid out by rows)."""
+        self.put((name, selection, block))
 
     def write_matrix(self, name: str, prompt: int, matrix: np.ndarray, tile: int) -> None:
         """Queue ``matrix`` ``[heads, n, n]`` (lower triangular) as prompt ``prompt`` of ``name``.
@@ -162,44 +208,27 @@ class RowWriter:
                               np.ascontiguousarray(matrix[:, top:bottom, :bottom]))
 
     def close(self) -> None:
+        """Write the last, partial chunk of each array and wait for every write."""
         for name, buffer in self._buffers.items():
             tail = buffer.flush()
             if tail is not None:
-                self._queue.put((name, *tail))
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
+                start, block = tail
+                self.put((name, slice(start, start + len(block)), block))
+        super().close()
 
-    def abort(self) -> None:
-        """Stop after what is queued; the partial chunks are dropped (the store stays in_progress)."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue
-            name, where, block = item
-            if not isinstance(where, tuple):
-                where = slice(where, where + len(block))
-            try:
-                self._arrays[name][where] = block
-                self.bytes_written += block.nbytes
-            except BaseException as exc:  # surfaced on the caller's thread
-                self._error = exc
+    def handle(self, item) -> None:
+        name, where, block = item
+        self._arrays[name][where] = block
+        self.bytes_written += block.nbytes
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            exc = self._error
-            if isinstance(exc, OSError):
-                raise RunFailure(
-                    f"writing the store failed ({exc.strerror or exc}); "
-                    f"{self.bytes_written} bytes were written, the store stays in_progress"
-                ) from exc
-            raise exc
+        exc = self._error
+        if isinstance(exc, OSError):
+            raise RunFailure(
+                f"writing the store failed ({exc.strerror or exc}); {self.bytes_written} bytes "
+                "were written, the store stays in_progress"
+            ) from exc
+        super()._raise_if_failed()
 
 
 class _ChunkBuffer:
