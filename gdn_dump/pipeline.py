@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from .capture import Capture, CapturedBatch, pad_batch
 from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
@@ -79,6 +80,7 @@ class ExtractResult:
     bytes_written: int = 0
     overflow: dict[str, int] = field(default_factory=dict)
     residuals: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # max, sum, n
+    oom_retries: int = 0
     model: LoadedModel | None = None
 
 
@@ -143,7 +145,8 @@ def _finalize(group, plan: Plan, result: ExtractResult) -> None:
                                     "residual_limit": RESIDUAL_LIMIT})
         if worst > RESIDUAL_LIMIT:
             failures.append(f"{a.name}: ||M V - o|| / ||o|| = {worst:.2e}")
-    common = dict(finished=now_iso(), seconds=round(result.seconds, 3), overflow=result.overflow)
+    common = dict(finished=now_iso(), seconds=round(result.seconds, 3), overflow=result.overflow,
+                  oom_retries=result.oom_retries)
     if failures:
         message = (f"the effective attention does not reproduce the layer output (limit "
                    f"{RESIDUAL_LIMIT:g}): {'; '.join(failures)}")
@@ -231,19 +234,14 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     pad_id = 0 if pad_id is None else pad_id
     writer = RowWriter(group, plan.arrays)
     sink = BatchSink(writer, result, {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None})
+    runner = HalvingRunner(capture, pad_id, reporter, result)
     reporter.start(plan.n_prompts, plan.n_rows)
     started = time.perf_counter()
     try:
         for first, token_lists in batches(source, model.tokenizer, opts.max_length,
                                           opts.batch_size, opts.max_batch_tokens):
-            kept = [(first + i, t) for i, t in enumerate(token_lists) if t]
-            if kept:
-                ids, lengths = pad_batch([t for _, t in kept], pad_id)
-                batch = capture.run(ids, lengths, first, [p for p, _ in kept])
-            else:  # only empty prompts: nothing to run, but per-prompt streams move on
-                batch = CapturedBatch(first, [], np.zeros(0, np.int32))
-            batch.n_prompts = len(token_lists)
-            sink.put(batch)
+            for batch in runner.run(first, token_lists):
+                sink.put(batch)
             n_tokens = sum(len(t) for t in token_lists)
             result.prompts += len(token_lists)
             result.tokens += n_tokens
@@ -258,6 +256,56 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
         reporter.finish()
     result.seconds = time.perf_counter() - started
     result.bytes_written = writer.bytes_written
+
+
+class HalvingRunner:
+    """Runs batches through the capture; on out-of-memory it halves the batch and retries.
+
+    The smaller size is kept for the rest of the run (a batch that did not fit once will not fit
+    the next time either). Only a single prompt that does not fit is a failure.
+    """
+
+    def __init__(self, capture: Capture, pad_id: int, reporter: Reporter, result: ExtractResult):
+        self.capture, self.pad_id, self.reporter, self.result = capture, pad_id, reporter, result
+        self.limit: int | None = None  # most prompts per forward, once memory ran out
+
+    def run(self, first: int, token_lists: list[list[int]]) -> list[CapturedBatch]:
+        return self._run([(first + i, t) for i, t in enumerate(token_lists)], first,
+                         first + len(token_lists))
+
+    def _run(self, items, lo: int, hi: int) -> list[CapturedBatch]:
+        kept = [(p, t) for p, t in items if t]
+        if not kept:  # only empty prompts: nothing to run, but per-prompt streams move on
+            return [self._batch(CapturedBatch(lo, [], np.zeros(0, np.int32)), lo, hi)]
+        if self.limit is not None and len(kept) > self.limit:
+            return self._split(items, kept, lo, hi)
+        try:
+            ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
+            return [self._batch(self.capture.run(ids, lengths, lo, [p for p, _ in kept]), lo, hi)]
+        except torch.OutOfMemoryError:
+            if self.capture.cuda:
+                torch.cuda.empty_cache()
+            if len(kept) == 1:
+                raise RunFailure(
+                    f"out of memory on a single prompt of {len(kept[0][1])} tokens; lower "
+                    "--max-length, select fewer layers, or use a larger device"
+                ) from None
+            self.limit = len(kept) // 2
+            self.result.oom_retries += 1
+            self.reporter.note(f"out of memory on a batch of {len(kept)} prompts: retrying with "
+                               f"{self.limit} prompts per batch")
+            return self._split(items, kept, lo, hi)
+
+    def _split(self, items, kept, lo: int, hi: int) -> list[CapturedBatch]:
+        middle = kept[len(kept) // 2][0]  # first prompt of the right half
+        left = [(p, t) for p, t in items if p < middle]
+        right = [(p, t) for p, t in items if p >= middle]
+        return self._run(left, lo, middle) + self._run(right, middle, hi)
+
+    @staticmethod
+    def _batch(batch: CapturedBatch, lo: int, hi: int) -> CapturedBatch:
+        batch.first_prompt, batch.n_prompts = lo, hi - lo
+        return batch
 
 
 class BatchSink(BackgroundWorker):

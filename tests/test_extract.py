@@ -230,3 +230,44 @@ def test_xarray_opens_the_store_with_named_dimensions(tiny, ragged_txt, tmp_path
     assert ds["prompt_id"].dims == ("prompt",)
     assert ds.sizes["token"] == int(ds["prompt_length"].sum())
     assert list(ds["prompt_id"].values) == ["0", "1", "2", "4", "5", "6"]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_txt, tmp_path, monkeypatch):
+    from gdn_dump.capture import Capture
+    from gdn_dump.pipeline import Reporter
+
+    _run(tiny, ragged_txt, tmp_path / "ref.zarr", hooks="v,beta", attn_layers="1", batch_size=6)
+    real_run = Capture.run
+    sizes = []
+
+    def small_memory(self, input_ids, lengths, *args):
+        sizes.append(len(lengths))
+        if len(lengths) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(self, input_ids, lengths, *args)
+
+    class Notes(Reporter):
+        notes: list = []
+
+        def note(self, message):
+            self.notes.append(message)
+
+    monkeypatch.setattr(Capture, "run", small_memory)
+    reporter = Notes()
+    result = extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(tmp_path / "s.zarr"),
+                                    hooks="v,beta", attn_layers="1", batch_size=6), reporter, model=tiny)
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and result.oom_retries >= 1
+    assert any("out of memory on a batch of 6 prompts" in n for n in reporter.notes)
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")
+    got = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    for name in ref.array_keys():
+        if name != "prompt_id":
+            np.testing.assert_allclose(got[name][:], ref[name][:], atol=1e-3, err_msg=name)
+    assert got.attrs["gdn_dump"]["status"] == "complete" and got.attrs["gdn_dump"]["oom_retries"] >= 1
+
+    monkeypatch.setattr(Capture, "run", lambda self, *a: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    from gdn_dump.errors import RunFailure
+
+    with pytest.raises(RunFailure, match="single prompt"):
+        _run(tiny, ragged_txt, tmp_path / "t.zarr", hooks="beta")
+    assert zarr.open_group(str(tmp_path / "t.zarr"), mode="r").attrs["gdn_dump"]["status"] == "in_progress"
