@@ -159,6 +159,7 @@ def extract(
     dtype: str = typer.Option("float16", help="Storage dtype of vector hooks: float32, float16 or bfloat16 (per-head scalars stay float32)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Token rows per chunk (default: a few MB per chunk)."),
     compressor: str = typer.Option("none", help="none, zstd or blosc."),
+    writer: str = typer.Option("tensorstore", help="Chunk writer: tensorstore (TensorStore's zarr3 driver) or zarr (zarr-python); byte-identical stores."),
     overwrite: bool = OverwriteOpt,
     dry_run: bool = DryRunOpt,
     force: bool = ForceOpt,
@@ -178,8 +179,8 @@ def extract(
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
         max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens, dtype=dtype,
-        chunk_tokens=chunk_tokens, compressor=compressor, overwrite=overwrite, dry_run=dry_run,
-        force=force, attn_layers=attn_layers, attn_heads=attn_heads, attn_mode=attn_mode,
+        chunk_tokens=chunk_tokens, compressor=compressor, writer=writer, overwrite=overwrite,
+        dry_run=dry_run, force=force, attn_layers=attn_layers, attn_heads=attn_heads, attn_mode=attn_mode,
         attn_method=attn_method, attn_precision=attn_precision, max_attn_bytes=budget,
         command_line=["gdn-dump", *sys.argv[1:]],
     ), quiet=quiet, debug=debug)

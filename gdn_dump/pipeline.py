@@ -5,6 +5,7 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .store import (
     COMPLETE,
     FAILED,
     BackgroundWorker,
+    WRITERS,
     RowWriter,
     check_out,
     compressors_for,
@@ -58,6 +60,9 @@ class ExtractOptions:
     dtype: str = "float16"
     chunk_tokens: int | None = None
     compressor: str = "none"
+    # Who writes the chunks (zarr-python always creates the arrays): TensorStore's zarr3 driver by
+    # default, measured 1.13x faster end to end on the CPU bench with byte-identical stores.
+    writer: str = "tensorstore"
     overwrite: bool = False
     dry_run: bool = False
     force: bool = False
@@ -157,6 +162,10 @@ def _finalize(group, plan: Plan, result: ExtractResult) -> None:
 
 def _validate(opts: ExtractOptions) -> None:
     compressors_for(opts.compressor)
+    if opts.writer not in WRITERS:
+        raise GdnDumpError(f"--writer must be one of {', '.join(WRITERS)}, not {opts.writer!r}")
+    if opts.writer == "tensorstore" and importlib.util.find_spec("tensorstore") is None:
+        raise GdnDumpError("--writer tensorstore needs TensorStore: pip install tensorstore")
     if opts.batch_size < 1:
         raise GdnDumpError(f"--batch-size must be at least 1, not {opts.batch_size}")
     if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
@@ -232,7 +241,7 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     capture = Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device, attention)
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
-    writer = RowWriter(group, plan.arrays)
+    writer = RowWriter(group, plan.arrays, engine=opts.writer)
     sink = BatchSink(writer, result, {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None})
     runner = HalvingRunner(capture, pad_id, reporter, result)
     reporter.start(plan.n_prompts, plan.n_rows)
@@ -351,6 +360,7 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) ->
         "layers": sorted({h.layer for h in plan.hooks if h.layer is not None}),
         "storage_dtype": plan.storage_dtype,
         "compressor": opts.compressor,
+        "writer": opts.writer,
         "prompts": {"path": str(source.display), "sha256": source.sha256, "count": source.count,
                     "format": source.format, "text_field": opts.text_field},
         "max_length": opts.max_length,

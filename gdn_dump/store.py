@@ -7,6 +7,7 @@ read back and rewritten; the writes themselves run on a background thread, behin
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import queue
 import shutil
@@ -179,8 +180,10 @@ class RowWriter(BackgroundWorker):
     """
 
     def __init__(self, group: zarr.Group, arrays: list[ArraySpec], start_row: int = 0,
-                 max_pending: int = 8):
-        self._arrays = {spec.name: group[spec.name] for spec in arrays}
+                 max_pending: int = 8, engine: str = "zarr"):
+        self._arrays = _open_for_writing(group, [spec.name for spec in arrays], engine)
+        self._engine = engine
+        self._pending: collections.deque = collections.deque()  # TensorStore write futures
         self._buffers: dict[str, _ChunkBuffer] = {
             spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.stream
         }
@@ -207,19 +210,31 @@ class RowWriter(BackgroundWorker):
             self.write_region(name, (prompt, slice(None), slice(top, bottom), slice(0, bottom)),
                               np.ascontiguousarray(matrix[:, top:bottom, :bottom]))
 
-    def close(self) -> None:
-        """Write the last, partial chunk of each array and wait for every write."""
+    def _flush_tails(self) -> None:
+        """Queue the last, partial chunk of each array."""
         for name, buffer in self._buffers.items():
             tail = buffer.flush()
             if tail is not None:
                 start, block = tail
                 self.put((name, slice(start, start + len(block)), block))
-        super().close()
 
     def handle(self, item) -> None:
         name, where, block = item
-        self._arrays[name][where] = block
+        target = self._arrays[name]
+        if self._engine == "zarr":
+            target[where] = block
+        else:  # TensorStore: writes run in its own threads; keep a few in flight
+            self._pending.append(target[where].write(block))
+            while len(self._pending) > _TS_IN_FLIGHT:
+                self._pending.popleft().result()
         self.bytes_written += block.nbytes
+
+    def close(self) -> None:
+        """Write the last, partial chunk of each array and wait for every write."""
+        self._flush_tails()
+        BackgroundWorker.close(self)
+        while self._pending:
+            self._pending.popleft().result()
 
     def _raise_if_failed(self) -> None:
         exc = self._error
@@ -229,6 +244,30 @@ class RowWriter(BackgroundWorker):
                 "were written, the store stays in_progress"
             ) from exc
         super()._raise_if_failed()
+
+
+WRITERS = ("zarr", "tensorstore")
+_TS_IN_FLIGHT = 16
+
+
+def _open_for_writing(group: zarr.Group, names: list[str], engine: str) -> dict:
+    """The arrays to write through: zarr-python's, or TensorStore's zarr3 driver on the same files.
+
+    The arrays are always created by zarr-python (metadata, attributes, dimension names); only the
+    chunk writes go through the engine, so both give byte-identical stores.
+    """
+    if engine == "zarr":
+        return {name: group[name] for name in names}
+    if engine != "tensorstore":
+        raise StoreError(f"--writer must be one of {', '.join(WRITERS)}, not {engine!r}")
+    try:
+        import tensorstore as ts
+    except ImportError:
+        raise StoreError("--writer tensorstore needs TensorStore: pip install tensorstore") from None
+    root = Path(group.store.root) / group.path
+    context = ts.Context()
+    return {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)},
+                           "open": True}, context=context).result() for name in names}
 
 
 class _ChunkBuffer:

@@ -160,10 +160,11 @@ def run_naive(model: LoadedModel, batches, specs, out: Path) -> None:
         del cache
 
 
-def run_extract(model: LoadedModel, prompts: Path, out: Path, batch_size: int, dtype: str):
+def run_extract(model: LoadedModel, prompts: Path, out: Path, batch_size: int, dtype: str,
+                writer: str = "tensorstore"):
     opts = ExtractOptions(model="bench", prompts=str(prompts), out=str(out), hooks=None,
                           batch_size=batch_size, max_batch_tokens=None, dtype=dtype,
-                          compressor="none", overwrite=True, force=True)
+                          compressor="none", writer=writer, overwrite=True, force=True)
     return extract(opts, model=model)
 
 
@@ -262,6 +263,10 @@ def main(argv=None) -> None:
             "extract": (lambda out: run_extract(model, prompts, out, args.batch_size, args.dtype),
                         lambda out: run_extract(model, warm_prompts, out, args.batch_size, args.dtype)),
         }
+        # the same extract with zarr-python writing the chunks (--writer zarr)
+        contenders["extract_zarr_writer"] = (
+            lambda out: run_extract(model, prompts, out, args.batch_size, args.dtype, "zarr"),
+            lambda out: run_extract(model, warm_prompts, out, args.batch_size, args.dtype, "zarr"))
         with torch.inference_mode():  # the bare copy computes what the bridge computes
             ids = warm_batches[0][0]
             ref = bare_model(ids, use_cache=False).logits
@@ -311,6 +316,8 @@ def main(argv=None) -> None:
         print()
         print(f"extract / bare = {bare / med['extract']:.2f}  (tokens/s ratio)")
         print(f"extract / naive = {med['naive'] / med['extract']:.2f}  (tokens/s ratio)")
+        print(f"extract --writer zarr / bare = {bare / med['extract_zarr_writer']:.2f}; default writer "
+              f"(tensorstore) / zarr writer = {med['extract_zarr_writer'] / med['extract']:.2f}")
         print("target: extract >= 0.85x bare, and > naive")
         ok = bare / med["extract"] >= 0.85 and med["extract"] < med["naive"]
         print(f"target met: {'yes' if ok else 'NO'}")

@@ -63,3 +63,28 @@ def test_write_errors_surface_as_run_failure(tmp_path):
     with pytest.raises(RunFailure, match="No space left"):
         writer.append("x", np.ones((16, 3), np.float32))
         writer.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dtype):
+    pytest.importorskip("tensorstore")
+    xr = pytest.importorskip("xarray")
+    from gdn_dump.pipeline import ExtractOptions, extract
+
+    stores = {}
+    for writer in ("zarr", "tensorstore"):
+        out = tmp_path / f"{writer}.zarr"
+        extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="q,v,beta",
+                               attn_layers="0,3", dtype=dtype, chunk_tokens=64, writer=writer),
+                model=tiny)
+        stores[writer] = out
+    files = {w: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
+                 and p.name != "zarr.json"} for w, out in stores.items()}
+    assert files["zarr"].keys() == files["tensorstore"].keys()
+    assert all(files["zarr"][k] == files["tensorstore"][k] for k in files["zarr"])  # byte for byte
+    a, b = (zarr.open_group(str(stores[w]), mode="r") for w in ("zarr", "tensorstore"))
+    assert b.attrs["gdn_dump"]["writer"] == "tensorstore" and b.attrs["gdn_dump"]["status"] == "complete"
+    for name in a.array_keys():
+        assert np.array_equal(a[name][:], b[name][:]), name
+    ds = xr.open_zarr(str(stores["tensorstore"]), consolidated=False)
+    assert ds["blocks.0.linear_attn.hook_q"].dims == ("token", "k_head", "d_k")
