@@ -36,6 +36,7 @@ class ArraySpec:
     hook: HookSpec | None = None
     attrs: dict = field(default_factory=dict, hash=False, compare=False)
     stream: str | None = "token"  # rows arrive in order along "token" or "prompt"; None: regions
+    shards: tuple[int, ...] | None = None  # zarr sharding codec: chunks grouped into shard files
 
     @property
     def nbytes(self) -> int:
@@ -44,6 +45,11 @@ class ArraySpec:
     @property
     def chunk_tokens(self) -> int:
         return self.chunks[0]
+
+    @property
+    def write_rows(self) -> int:
+        """Rows written at once: a whole shard when sharded, else a whole chunk."""
+        return (self.shards or self.chunks)[0]
 
     @property
     def per_token(self) -> bool:
@@ -111,11 +117,14 @@ def make_plan(
     target_chunk_bytes: int = TARGET_CHUNK_BYTES,
     attn_layers: list | tuple = (),
     attn_mode: str = "exact",
+    shard_tokens: int | None = None,
 ) -> Plan:
     if storage_dtype not in STORAGE_DTYPES:
         raise GdnDumpError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise GdnDumpError(f"--chunk-tokens must be at least 1, not {chunk_tokens}")
+    if shard_tokens is not None and shard_tokens < 1:
+        raise GdnDumpError(f"--shard-tokens must be at least 1, not {shard_tokens}")
     lengths = np.asarray(prompt_lengths, dtype=np.int64)
     starts = np.zeros_like(lengths)
     if len(lengths):
@@ -129,7 +138,16 @@ def make_plan(
         fit = _pow2_floor(max(1, target_chunk_bytes // max(row_bytes, 1)))
         return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_rows, 1))))
 
-    arrays = [ArraySpec("tokens", (n_rows,), "int32", (token_chunks(4),), ("token",))]
+    def rows_layout(row_bytes: int, row_shape: tuple[int, ...]) -> dict:
+        """``chunks`` (and ``shards``: a multiple of the chunk holding about ``shard_tokens`` rows)."""
+        chunk = token_chunks(row_bytes)
+        if shard_tokens is None:
+            return {"chunks": (chunk, *row_shape)}
+        chunk = min(chunk, shard_tokens)
+        shard = -(-shard_tokens // chunk) * chunk
+        return {"chunks": (chunk, *row_shape), "shards": (shard, *row_shape)}
+
+    arrays = [ArraySpec("tokens", (n_rows,), "int32", dims=("token",), **rows_layout(4, ()))]
     n_prompts = len(lengths)
     for hook in hooks:
         if hook.kind == ATTENTION_MATRIX:
@@ -139,10 +157,8 @@ def make_plan(
             continue
         dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
         row_bytes = int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
-        arrays.append(ArraySpec(
-            hook.name, (n_rows, *hook.shape), dtype, (token_chunks(row_bytes), *hook.shape),
-            ("token", *hook.dims), hook,
-        ))
+        arrays.append(ArraySpec(hook.name, (n_rows, *hook.shape), dtype, dims=("token", *hook.dims),
+                                hook=hook, **rows_layout(row_bytes, hook.shape)))
     for a in attn_layers:
         attrs = {"kind": a.kind(attn_mode), "layer": a.layer, "layer_type": a.layer_type,
                  "heads": list(a.heads)}

@@ -84,7 +84,7 @@ def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array
     hook_attrs = {"hook": spec.hook.name, "layer": spec.hook.layer,
                   "layer_type": spec.hook.layer_type} if spec.hook else {}
     return group.create_array(
-        spec.name, shape=spec.shape, chunks=spec.chunks, dtype=dtype,
+        spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
         dimension_names=list(spec.dims), compressors=compressors, fill_value=0,
         attributes={**hook_attrs, **spec.attrs},
         # bfloat16 is compared by value in zarr's empty-chunk check (-0.0 would become +0.0).
@@ -274,7 +274,7 @@ class _ChunkBuffer:
     """Rows of one array gathered until a chunk boundary."""
 
     def __init__(self, spec: ArraySpec, start_row: int):
-        self.chunk = spec.chunk_tokens
+        self.chunk = spec.write_rows
         self.row_shape = spec.shape[1:]
         self.dtype = None
         self.next_row = start_row  # first row not yet handed out

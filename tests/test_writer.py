@@ -88,3 +88,27 @@ def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dty
         assert np.array_equal(a[name][:], b[name][:]), name
     ds = xr.open_zarr(str(stores["tensorstore"]), consolidated=False)
     assert ds["blocks.0.linear_attn.hook_q"].dims == ("token", "k_head", "d_k")
+
+
+@pytest.mark.parametrize("writer", ["tensorstore", "zarr"])
+def test_sharded_store_equals_the_unsharded_one(tiny, ragged_txt, tmp_path, writer):
+    from gdn_dump.pipeline import ExtractOptions, extract
+
+    def run(out, **kw):
+        extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="v,beta",
+                               layers="0", chunk_tokens=32, writer=writer, **kw), model=tiny)
+        return zarr.open_group(str(out), mode="r")
+
+    plain = run(tmp_path / "plain.zarr")
+    sharded = run(tmp_path / "sharded.zarr", shard_tokens=128)
+    v = sharded["blocks.0.linear_attn.hook_v"]
+    assert v.chunks == (32, 4, 16) and v.shards == (128, 4, 16)
+    n_rows = v.shape[0]
+    shard_files = sorted(p.name for p in (tmp_path / "sharded.zarr" / "blocks.0.linear_attn.hook_v" / "c").iterdir())
+    assert len(shard_files) == -(-n_rows // 128)  # one file per shard, not per chunk
+    for name in plain.array_keys():
+        assert np.array_equal(plain[name][:], sharded[name][:]), name
+    ts = pytest.importorskip("tensorstore")
+    path = str(tmp_path / "sharded.zarr" / "blocks.0.linear_attn.hook_v")
+    read = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}).result().read().result()
+    assert np.array_equal(read, plain["blocks.0.linear_attn.hook_v"][:])
