@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .attention import expand_kv_heads, gdn_effective_attention, heuristic_effective_attention, relative_residual
-from .catalogue import GDN, Catalogue, _ranges
+from .catalogue import GDN, Catalogue
 from .errors import GdnDumpError, SelectionError
 
 MODES = ("exact", "heuristic")
@@ -86,24 +86,17 @@ def _parse_heads(text: str | None, n_heads: int, layer: int) -> list[int]:
     return heads
 
 
-def matrix_bytes(layers: list[AttnLayer], lengths: np.ndarray) -> int:
-    """Bytes the matrices cost: heads x sum of L^2 x 4 per layer (tiles past a prompt are never written)."""
-    squares = int(np.square(lengths.astype(np.int64)).sum())
-    return sum(len(a.heads) for a in layers) * squares * 4
-
-
-def check_budget(layers: list[AttnLayer], lengths: np.ndarray, max_bytes: int) -> int:
+def check_budget(plan, max_bytes: int) -> None:
+    """Refuse, before any model runs, a plan whose attention matrices exceed ``max_bytes``."""
     from .plan import format_bytes
 
-    needed = matrix_bytes(layers, lengths)
-    if needed > max_bytes:
+    if plan.matrix_bytes > max_bytes:
         raise GdnDumpError(
-            f"the attention matrices need {format_bytes(needed)} ({len(lengths)} prompts, "
-            f"{sum(len(a.heads) for a in layers)} heads in all, longest prompt {int(lengths.max())} "
-            f"tokens), over --max-bytes {format_bytes(max_bytes)}; select fewer layers, --heads, "
-            "shorter --max-length, or raise --max-bytes"
+            f"the attention matrices need {format_bytes(plan.matrix_bytes)} ({plan.n_prompts} "
+            f"prompts, longest {int(plan.prompt_lengths.max())} tokens), over --max-bytes "
+            f"{format_bytes(max_bytes)}; select fewer layers, --heads, shorter --max-length, or "
+            "raise --max-bytes"
         )
-    return needed
 
 
 def hooks_for(layers: list[AttnLayer]) -> list[str]:
@@ -172,7 +165,3 @@ class AttentionCapture:
         M = gdn_effective_attention(q, k, beta, g, method=self.method, precision=self.precision)
         residual = float(relative_residual(M, v, out)[0])
         return M[0].float().cpu().numpy(), residual
-
-
-def describe_layers(layers: list[AttnLayer]) -> str:
-    return ", ".join(f"{a.layer} ({a.layer_type}, heads {_ranges(list(a.heads))})" for a in layers)

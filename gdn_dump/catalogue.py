@@ -194,7 +194,7 @@ class Catalogue:
             if attention:
                 raise SelectionError(
                     f"layer {attention[0]} is a softmax-attention layer; the GDN hooks "
-                    f"({', '.join(shorts)}) exist only on GDN layers {_ranges(self.gdn_layers)}"
+                    f"({', '.join(shorts)}) exist only on GDN layers {join_indices(self.gdn_layers)}"
                 )
             for layer in layer_list:
                 for short in shorts:
@@ -226,7 +226,7 @@ class Catalogue:
                 if not 0 <= layer < n_layers:
                     raise SelectionError(
                         f"--layers: layer {layer} is out of range; the model has layers "
-                        f"0-{n_layers - 1}, GDN layers {_ranges(self.gdn_layers)}"
+                        f"0-{n_layers - 1}, GDN layers {join_indices(self.gdn_layers)}"
                     )
                 if layer not in layers:
                     layers.append(layer)
@@ -274,5 +274,5 @@ def _unknown(what: str, item: str, choices: list[str]) -> str:
     return f"unknown {what} {item!r}; choose from {shown} (gdn-dump hooks --model M lists all)"
 
 
-def _ranges(layers: list[int]) -> str:
+def join_indices(layers: list[int]) -> str:
     return ",".join(str(x) for x in layers)

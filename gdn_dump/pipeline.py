@@ -120,8 +120,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
             config, tokenizer = model.config, model.tokenizer
         plan = plan_run(opts, Catalogue(config), tokenizer, source)
         result = ExtractResult(plan=plan, out=Path(opts.out), model=model)
-        if plan.attn_layers:
-            check_budget(plan.attn_layers, plan.prompt_lengths, opts.max_attn_bytes)
+        check_budget(plan, opts.max_attn_bytes)
         if opts.dry_run:
             return result
         if not opts.force:
