@@ -57,10 +57,6 @@ class CapturedBatch:
         counts = self.overflow_counts.tolist()
         return {name: int(n) for name, n in zip(self.overflow_names, counts) if n}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
-
 
 class Capture:
     """Runs prefill on padded batches and collects the selected hooks."""

@@ -95,16 +95,6 @@ class Plan:
     def array(self, name: str) -> ArraySpec:
         return next(a for a in self.arrays if a.name == name)
 
-    def describe(self) -> dict:
-        return {
-            "n_prompts": self.n_prompts,
-            "n_rows": self.n_rows,
-            "storage_dtype": self.storage_dtype,
-            "max_length": self.max_length,
-            "truncated": self.truncated,
-            "total_bytes": self.total_bytes,
-        }
-
 
 def make_plan(
     hooks: list[HookSpec],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import os
 import queue
 import shutil
 import threading
@@ -50,8 +51,6 @@ def check_out(out: str | Path, *, overwrite: bool) -> Path:
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    import os
-
     if not os.access(parent, os.W_OK):
         raise StoreError(f"--out {out}: {parent} is not writable")
     return path
