@@ -30,17 +30,17 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 class CapturedBatch:
     """One batch's hook rows on the host, possibly still being copied (CUDA)."""
 
-    first_prompt: int
-    prompts: list[int]  # store indices of the prompts with at least one token
-    tokens: np.ndarray  # [n_rows] int32, store order
+    prompts: list[int]  # store indices of the batch's prompts, in row order
+    lengths: list[int]  # tokens of each prompt (all at least 1)
+    tokens: np.ndarray  # [n_rows] int32, prompt after prompt
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]
     dtypes: dict[str, str] = field(default_factory=dict)
     matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> [H, L, L] each
     overflow_names: list[str] = field(default_factory=list)
     overflow_counts: torch.Tensor | None = None  # host, aligned with overflow_names
     ready: torch.cuda.Event | None = None
-    residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per kept prompt
-    n_prompts: int = 0  # prompts of the batch, empty ones included
+    residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per prompt
+    empty: list[int] = field(default_factory=list)  # prompts without tokens, riding along
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -80,9 +80,10 @@ class Capture:
         self._batch: CapturedBatch | None = None
         self._overflow: list[tuple[str, torch.Tensor]] = []
 
-    def run(self, input_ids: torch.Tensor, lengths: list[int], first_prompt: int = 0,
+    def run(self, input_ids: torch.Tensor, lengths: list[int],
             prompts: list[int] | None = None) -> CapturedBatch:
-        """``input_ids``: ``[B, T]`` right-padded; ``lengths``: the real length of each row."""
+        """``input_ids``: ``[B, T]`` right-padded; ``lengths``: the real length of each row (>= 1);
+        ``prompts``: the store index of each row (default ``0..B-1``)."""
         batch_size, width = input_ids.shape
         # Flat indices of the real positions: a gather with a known size needs no device sync,
         # unlike boolean-mask indexing.
@@ -91,8 +92,8 @@ class Capture:
         self._index = None if len(flat) == batch_size * width else torch.as_tensor(flat, device=self.device)
         self._lengths = list(lengths)
         tokens = input_ids.reshape(-1)[torch.as_tensor(flat)].to(torch.int32).numpy()
-        self._batch = CapturedBatch(first_prompt, prompts or list(range(batch_size)), tokens,
-                                    dtypes=self.dtypes)
+        self._batch = CapturedBatch(list(range(batch_size)) if prompts is None else list(prompts),
+                                    list(lengths), tokens, dtypes=self.dtypes)
         self._overflow = []
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,

@@ -177,6 +177,9 @@ class Catalogue:
                allow_empty: bool = False) -> list[HookSpec]:
         """Resolve ``--hooks`` and ``--layers`` to specs, in layer order, without duplicates."""
         items = _split(hooks) if hooks is not None else list(DEFAULT_HOOKS)
+        # "all": every GDN hook; "default": the default set (both combine with other names)
+        items = [name for item in items for name in
+                 (GDN_HOOKS if item == "all" else DEFAULT_HOOKS if item == "default" else [item])]
         if not items and allow_empty:
             return []
         layer_list = self.parse_layers(layers)

@@ -83,6 +83,7 @@ KernelsOpt = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when inst
 TextFieldOpt = typer.Option("text", help="jsonl field that holds the prompt.")
 MaxLengthOpt = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded).")
 MaxBatchTokensOpt = typer.Option(None, help="Most padded tokens per batch.")
+SortWindowOpt = typer.Option("1GiB", help="Run prompts longest first within windows of this many bytes of rows (less padding; the store keeps file order; bounds the reorder memory). 0: file order.")
 OverwriteOpt = typer.Option(False, help="Replace an existing --out.")
 DryRunOpt = typer.Option(False, help="Print the plan and exit without loading weights or writing anything.")
 ForceOpt = typer.Option(False, help="Run even if the estimate exceeds the free disk space.")
@@ -138,7 +139,7 @@ def extract(
     model: str = ModelOpt,
     prompts: str = PromptsOpt,
     out: str = OutOpt,
-    hooks: Optional[str] = typer.Option(None, help="Short GDN hook names for every selected layer and/or full TransformerLens hook names, comma separated. Default: q_pre_conv,k_pre_conv,v_pre_conv,q,k,v,beta,log_decay,recurrence_out."),
+    hooks: Optional[str] = typer.Option(None, help="Short GDN hook names for every selected layer (or all, or default) and/or full TransformerLens hook names, comma separated. Default: q_pre_conv,k_pre_conv,v_pre_conv,q,k,v,beta,log_decay,recurrence_out."),
     layers: str = typer.Option("all", help="GDN layers for the short hook names: 'all', or indices and ranges like 0,1,4-6."),
     attn_layers: Optional[str] = typer.Option(None, help="Also store the attention matrix (blocks.<i>.attn_matrix) of these layers: 'all' or a list."),
     attn_heads: Optional[str] = HeadsOpt,
@@ -156,6 +157,7 @@ def extract(
     max_length: Optional[int] = MaxLengthOpt,
     batch_size: int = typer.Option(8, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
+    sort_window: str = SortWindowOpt,
     dtype: str = typer.Option("float16", help="Storage dtype of vector hooks: float32, float16 or bfloat16 (per-head scalars stay float32)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Token rows per chunk (default: a few MB per chunk)."),
     shard_tokens: Optional[int] = typer.Option(None, help="Group chunks into shard files of about this many token rows (zarr's sharding codec); whole shards are written at once."),
@@ -172,14 +174,15 @@ def extract(
     from .pipeline import ExtractOptions
 
     try:
-        budget = _size(max_bytes)
+        budget, window = _size(max_bytes), _size(sort_window)
     except GdnDumpError as exc:
         _fail(exc, debug)
     _run(ExtractOptions(
         model=model, prompts=prompts, out=out, hooks=hooks, layers=layers, revision=revision,
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
-        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens, dtype=dtype,
+        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        sort_window_bytes=window, dtype=dtype,
         chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, compressor=compressor, writer=writer,
         overwrite=overwrite,
         dry_run=dry_run, force=force, attn_layers=attn_layers, attn_heads=attn_heads, attn_mode=attn_mode,
@@ -212,6 +215,7 @@ def attn_matrix(
     max_length: Optional[int] = MaxLengthOpt,
     batch_size: int = typer.Option(1, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
+    sort_window: str = SortWindowOpt,
     overwrite: bool = OverwriteOpt,
     dry_run: bool = DryRunOpt,
     force: bool = ForceOpt,
@@ -224,7 +228,7 @@ def attn_matrix(
     from .pipeline import ExtractOptions
 
     try:
-        budget = _size(max_bytes)
+        budget, window = _size(max_bytes), _size(sort_window)
     except GdnDumpError as exc:
         _fail(exc, debug)
     _run(ExtractOptions(
@@ -232,7 +236,7 @@ def attn_matrix(
         model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
         max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-        overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
+        sort_window_bytes=window, overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
         attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=budget,
         command_line=["gdn-dump", *sys.argv[1:]],
     ), quiet=quiet, debug=debug, png=png, png_log=png_log, png_max_prompts=png_max_prompts)

@@ -6,25 +6,26 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 from __future__ import annotations
 
 import importlib.util
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 
-from .capture import Capture, CapturedBatch, pad_batch
+from .capture import Capture
 from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
 from .catalogue import Catalogue
 from .errors import GdnDumpError, RunFailure
 from .models import LoadedModel, load_config, load_model, load_tokenizer
 from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
+from .schedule import HalvingRunner, batches
+from .sink import BatchSink
 from .store import (
     COMPLETE,
     FAILED,
-    BackgroundWorker,
     WRITERS,
     RowWriter,
     check_out,
@@ -57,6 +58,9 @@ class ExtractOptions:
     max_length: int | None = None
     batch_size: int = 8
     max_batch_tokens: int | None = None
+    # Prompts run longest first within windows of this many bytes of rows (0: file order); the
+    # sink holds at most one window to put rows back in prompt order.
+    sort_window_bytes: int = 1 << 30
     dtype: str = "float16"
     chunk_tokens: int | None = None
     shard_tokens: int | None = None
@@ -87,6 +91,9 @@ class ExtractResult:
     overflow: dict[str, int] = field(default_factory=dict)
     residuals: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # max, sum, n
     oom_retries: int = 0
+    padding: float = 0.0  # share of padded positions in the batches run
+    peak_held_bytes: int = 0  # rows held for reordering, at most
+    peak_rss: int = 0
     model: LoadedModel | None = None
 
 
@@ -151,7 +158,8 @@ def _finalize(group, plan: Plan, result: ExtractResult) -> None:
         if worst > RESIDUAL_LIMIT:
             failures.append(f"{a.name}: ||M V - o|| / ||o|| = {worst:.2e}")
     common = dict(finished=now_iso(), seconds=round(result.seconds, 3), overflow=result.overflow,
-                  oom_retries=result.oom_retries)
+                  oom_retries=result.oom_retries, padding=round(result.padding, 4),
+                  peak_rss_bytes=result.peak_rss)
     if failures:
         message = (f"the effective attention does not reproduce the layer output (limit "
                    f"{RESIDUAL_LIMIT:g}): {'; '.join(failures)}")
@@ -170,6 +178,8 @@ def _validate(opts: ExtractOptions) -> None:
         raise GdnDumpError(f"--batch-size must be at least 1, not {opts.batch_size}")
     if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
         raise GdnDumpError(f"--max-batch-tokens must be at least 1, not {opts.max_batch_tokens}")
+    if opts.sort_window_bytes < 0:
+        raise GdnDumpError(f"--sort-window must be 0 (off) or a size, not {opts.sort_window_bytes}")
     if opts.max_length is not None and opts.max_length < 1:
         raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
 
@@ -212,27 +222,17 @@ def _tokenize(tokenizer, texts: list[str], max_length: int | None):
     return ids, raw
 
 
-def batches(source: Iterable, tokenizer, max_length: int | None, batch_size: int,
-            max_batch_tokens: int | None) -> Iterator[tuple[int, list[list[int]]]]:
-    """Consecutive prompts grouped into padded batches: ``(first_prompt_index, token_lists)``.
-
-    A batch holds at most ``batch_size`` prompts and, when ``max_batch_tokens`` is set, at most
-    that many padded tokens (a longer prompt goes alone).
-    """
-    batch: list[list[int]] = []
-    first = 0
+def tokenized(source: Iterable, tokenizer, max_length: int | None) -> Iterator[tuple[int, list[int]]]:
+    """``(prompt_index, token_ids)`` for every prompt, in file order (tokenised in blocks)."""
     for start, token_lists, _ in _tokenized_blocks(source, tokenizer, max_length):
-        for offset, tokens in enumerate(token_lists):
-            width = max([len(tokens)] + [len(t) for t in batch])
-            too_many = max_batch_tokens is not None and width * (len(batch) + 1) > max_batch_tokens
-            if batch and (len(batch) == batch_size or too_many):
-                yield first, batch
-                batch = []
-            if not batch:
-                first = start + offset
-            batch.append(tokens)
-    if batch:
-        yield first, batch
+        yield from enumerate(token_lists, start)
+
+
+def window_tokens(opts: ExtractOptions, plan: Plan) -> int | None:
+    """Tokens per sorting window: ``--sort-window`` bytes of rows (None: no sorting)."""
+    if not opts.sort_window_bytes:
+        return None
+    return max(1, opts.sort_window_bytes // max(plan.bytes_per_token, 1))
 
 
 def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractResult,
@@ -243,20 +243,23 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     writer = RowWriter(group, plan.arrays, engine=opts.writer)
-    sink = BatchSink(writer, result, {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None})
-    runner = HalvingRunner(capture, pad_id, reporter, result)
+    sink = BatchSink(writer, plan, result)
+    runner = HalvingRunner(capture, pad_id, reporter.note)
     reporter.start(plan.n_prompts, plan.n_rows)
     started = time.perf_counter()
+    real = padded = 0
     try:
-        for first, token_lists in batches(source, model.tokenizer, opts.max_length,
-                                          opts.batch_size, opts.max_batch_tokens):
-            for batch in runner.run(first, token_lists):
-                sink.put(batch)
-            n_tokens = sum(len(t) for t in token_lists)
-            result.prompts += len(token_lists)
-            result.tokens += n_tokens
-            reporter.advance(len(token_lists), n_tokens, writer.bytes_written)
-        sink.close()
+        for batch in batches(tokenized(source, model.tokenizer, opts.max_length), opts.batch_size,
+                             opts.max_batch_tokens, window_tokens(opts, plan)):
+            for captured in runner.run(batch):
+                sink.put(captured)
+            lengths = [len(t) for _, t in batch]
+            real += sum(lengths)
+            padded += max(lengths) * len(lengths)
+            result.prompts += len(batch)
+            result.tokens += sum(lengths)
+            reporter.advance(len(batch), sum(lengths), writer.bytes_written)
+        sink.close(end_prompt=plan.n_prompts)
         writer.close()
     except BaseException:
         sink.abort()
@@ -264,93 +267,17 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
         raise
     finally:
         reporter.finish()
+        result.oom_retries = runner.retries
     result.seconds = time.perf_counter() - started
     result.bytes_written = writer.bytes_written
+    result.padding = 1 - real / padded if padded else 0.0
+    result.peak_held_bytes = sink.peak_held_bytes
+    result.peak_rss = peak_rss()
 
 
-class HalvingRunner:
-    """Runs batches through the capture; on out-of-memory it halves the batch and retries.
-
-    The smaller size is kept for the rest of the run (a batch that did not fit once will not fit
-    the next time either). Only a single prompt that does not fit is a failure.
-    """
-
-    def __init__(self, capture: Capture, pad_id: int, reporter: Reporter, result: ExtractResult):
-        self.capture, self.pad_id, self.reporter, self.result = capture, pad_id, reporter, result
-        self.limit: int | None = None  # most prompts per forward, once memory ran out
-
-    def run(self, first: int, token_lists: list[list[int]]) -> list[CapturedBatch]:
-        return self._run([(first + i, t) for i, t in enumerate(token_lists)], first,
-                         first + len(token_lists))
-
-    def _run(self, items, lo: int, hi: int) -> list[CapturedBatch]:
-        kept = [(p, t) for p, t in items if t]
-        if not kept:  # only empty prompts: nothing to run, but per-prompt streams move on
-            return [self._batch(CapturedBatch(lo, [], np.zeros(0, np.int32)), lo, hi)]
-        if self.limit is not None and len(kept) > self.limit:
-            return self._split(items, kept, lo, hi)
-        try:
-            ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
-            return [self._batch(self.capture.run(ids, lengths, lo, [p for p, _ in kept]), lo, hi)]
-        except torch.OutOfMemoryError:
-            if self.capture.cuda:
-                torch.cuda.empty_cache()
-            if len(kept) == 1:
-                raise RunFailure(
-                    f"out of memory on a single prompt of {len(kept[0][1])} tokens; lower "
-                    "--max-length, select fewer layers, or use a larger device"
-                ) from None
-            self.limit = len(kept) // 2
-            self.result.oom_retries += 1
-            self.reporter.note(f"out of memory on a batch of {len(kept)} prompts: retrying with "
-                               f"{self.limit} prompts per batch")
-            return self._split(items, kept, lo, hi)
-
-    def _split(self, items, kept, lo: int, hi: int) -> list[CapturedBatch]:
-        middle = kept[len(kept) // 2][0]  # first prompt of the right half
-        left = [(p, t) for p, t in items if p < middle]
-        right = [(p, t) for p, t in items if p >= middle]
-        return self._run(left, lo, middle) + self._run(right, middle, hi)
-
-    @staticmethod
-    def _batch(batch: CapturedBatch, lo: int, hi: int) -> CapturedBatch:
-        batch.first_prompt, batch.n_prompts = lo, hi - lo
-        return batch
-
-
-class BatchSink(BackgroundWorker):
-    """Hands captured batches to the writer on a thread of its own.
-
-    The forward loop never waits for a batch's device-to-host copies: this thread does, then
-    converts the rows to numpy and feeds the :class:`RowWriter`. At most ``max_batches`` batches
-    wait, which bounds host memory and holds capture back when writing lags.
-    """
-
-    def __init__(self, writer: RowWriter, result: ExtractResult, tiles: dict[str, int],
-                 max_batches: int = 2):
-        self.writer = writer
-        self.result = result
-        self.tiles = tiles  # attention-matrix array -> tile edge
-        super().__init__("gdn-dump-sink", max_batches)
-
-    def handle(self, batch: CapturedBatch) -> None:
-        batch.wait()
-        self.writer.append("tokens", batch.tokens)
-        for name, rows in batch.numpy_rows():
-            self.writer.append(name, rows)
-        for name, matrices in batch.matrices.items():
-            tile = self.tiles[name]
-            for prompt, matrix in zip(batch.prompts, matrices):
-                self.writer.write_matrix(name, prompt, matrix, tile)
-        for name, values in batch.residuals.items():
-            rows = np.zeros(batch.n_prompts)  # an empty prompt has nothing to reproduce
-            rows[[p - batch.first_prompt for p in batch.prompts]] = values
-            self.writer.append(name.replace("attn_matrix", "attn_residual"), rows)
-            worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
-            self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
-                                           count + len(values))
-        for name, count in batch.overflow().items():
-            self.result.overflow[name] = self.result.overflow.get(name, 0) + count
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) -> dict:
@@ -372,4 +299,5 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) ->
                       "method": opts.attn_method, "precision": opts.attn_precision}
         if plan.attn_layers else None,
         "max_batch_tokens": opts.max_batch_tokens,
+        "sort_window_bytes": opts.sort_window_bytes,
     }

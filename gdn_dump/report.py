@@ -85,6 +85,9 @@ def summary_table(result: ExtractResult) -> Table:
         ("tokens/s", f"{rate:,.0f}"),
         ("MB/s written", f"{mbps:,.1f}"),
         ("truncated prompts", str(result.plan.truncated)),
+        ("padding in batches", f"{result.padding:.1%}"),
+        ("rows held for reordering (peak)", format_bytes(result.peak_held_bytes)),
+        ("peak resident memory", format_bytes(result.peak_rss)),
     ):
         table.add_row(what, value)
     for name, count in result.overflow.items():

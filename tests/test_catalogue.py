@@ -87,3 +87,14 @@ def test_gdn_hook_on_attention_layer_and_empty_selection(catalogue):
 def test_short_names_cover_the_bridge_docstring():
     assert set(GDN_HOOKS) == {"in", "q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v",
                               "beta_logit", "beta", "log_decay", "recurrence_out", "gate_input", "out"}
+
+
+def test_all_and_default_expand_to_the_gdn_hooks(tiny):
+    from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS, Catalogue
+
+    catalogue = Catalogue(tiny.config)
+    assert {h.short for h in catalogue.select("all", "0")} == set(GDN_HOOKS)
+    assert [h.name for h in catalogue.select("default", None)] == [h.name for h in catalogue.select(None, None)]
+    both = catalogue.select("default,blocks.3.hook_resid_post", "1")
+    assert {h.short for h in both if h.layer == 1} == set(DEFAULT_HOOKS)
+    assert "blocks.3.hook_resid_post" in {h.name for h in both}

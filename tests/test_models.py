@@ -56,3 +56,37 @@ def test_non_hybrid_checkpoints_are_refused(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(GdnDumpError, match="no such directory"):
         load_config(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+])
+def test_hooked_bridge_forward_equals_hf_forward_with_the_active_kernels(device):
+    """Whatever backend select_kernels binds (torch on CPU; fla on CUDA when installed), the
+    bridge's forward with our capture hooks attached computes what HF's own forward computes."""
+    import copy
+
+    from gdn_dump.capture import Capture
+    from gdn_dump.catalogue import Catalogue
+    from gdn_dump.models import wrap_model
+
+    hf_model, tokenizer = build_tiny_model()
+    bare = copy.deepcopy(hf_model).to(device)  # booting the bridge replaces hf_model's GDN modules
+    loaded = wrap_model(hf_model, tokenizer, name="tiny", device=torch.device(device),
+                        dtype=torch.float32)
+    assert loaded.kernel_backend == select_kernels(torch.device(device))
+    ids = torch.tensor([tokenizer("the same prompt, run twice " * 4)["input_ids"]], device=device)
+    with torch.inference_mode():
+        expected = bare(ids, use_cache=False).logits
+        hooks = Catalogue(loaded.config).select("all", None)
+        capture = Capture(loaded.bridge, hooks, "float32", torch.device(device))
+        got_hooks = {}
+        with loaded.bridge.hooks(fwd_hooks=[(h.name, lambda t, hook: got_hooks.setdefault(hook.name, t))
+                                            for h in hooks]):
+            logits = loaded.bridge(ids, use_cache=False)
+    assert len(got_hooks) == len(hooks)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    batch = capture.run(ids.cpu(), [ids.shape[1]])  # and the capture path itself fires every hook
+    batch.wait()
+    assert set(batch.rows) == {h.name for h in hooks}

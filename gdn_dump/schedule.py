@@ -1,0 +1,123 @@
+"""Which prompts run together: length-sorted windows cut into padded batches, halved on OOM.
+
+Prompts are read in file order in *windows* of at most ``window_tokens`` tokens. Inside a window
+they run longest first, so a batch holds prompts of similar length and carries little padding
+(ragged prompts batched in file order can waste most of a batch on padding). The store order does
+not change: :class:`gdn_dump.sink.BatchSink` puts the rows back in prompt order, and to do so it
+holds at most one window of rows, which is what bounds its memory (``--sort-window``).
+
+A batch is a list of ``(prompt_index, token_ids)`` items.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .capture import Capture, CapturedBatch, pad_batch
+from .errors import RunFailure
+
+Item = tuple[int, list[int]]
+# A window also closes after this many batches' worth of prompts, so a file of empty or very short
+# prompts still flows through in bounded steps.
+MAX_WINDOW_BATCHES = 64
+
+
+def batches(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
+            window_tokens: int | None = None) -> Iterator[list[Item]]:
+    """Group ``items`` (in prompt order) into batches.
+
+    A batch holds at most ``batch_size`` prompts and, when ``max_batch_tokens`` is set, at most that
+    many padded tokens (a longer prompt goes alone). With ``window_tokens`` the prompts of each
+    window are sorted by length, longest first (ties keep file order); without it batches are
+    consecutive prompts.
+    """
+    if not window_tokens:
+        yield from _pack(items, batch_size, max_batch_tokens)
+        return
+    window: list[Item] = []
+    held = 0
+    for item in items:
+        window.append(item)
+        held += len(item[1])
+        if held >= window_tokens or len(window) >= batch_size * MAX_WINDOW_BATCHES:
+            yield from _pack(_longest_first(window), batch_size, max_batch_tokens)
+            window, held = [], 0
+    if window:
+        yield from _pack(_longest_first(window), batch_size, max_batch_tokens)
+
+
+def _longest_first(window: list[Item]) -> list[Item]:
+    return sorted(window, key=lambda item: -len(item[1]))  # sorted() is stable
+
+
+def _pack(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    width = 0
+    for item in items:
+        new_width = max(width, len(item[1]))
+        too_many = max_batch_tokens is not None and new_width * (len(batch) + 1) > max_batch_tokens
+        if batch and (len(batch) == batch_size or too_many):
+            yield batch
+            batch, new_width = [], len(item[1])
+        batch.append(item)
+        width = new_width
+    if batch:
+        yield batch
+
+
+def padding_fraction(batch_list: Iterable[list[Item]]) -> float:
+    """Share of padded positions in ``batch_list`` (what sorting saves)."""
+    real = padded = 0
+    for batch in batch_list:
+        lengths = [len(t) for _, t in batch]
+        real += sum(lengths)
+        padded += max(lengths) * len(lengths)
+    return 1 - real / padded if padded else 0.0
+
+
+class HalvingRunner:
+    """Runs batches through the capture; on out-of-memory it halves the batch and retries.
+
+    The smaller size is kept for the rest of the run (a batch that did not fit once will not fit
+    the next time either). Only a single prompt that does not fit is a failure. Prompts without
+    tokens never reach the model; they ride along as ``CapturedBatch.empty``.
+    """
+
+    def __init__(self, capture: Capture, pad_id: int, note=lambda message: None):
+        self.capture, self.pad_id, self.note = capture, pad_id, note
+        self.limit: int | None = None  # most prompts per forward, once memory ran out
+        self.retries = 0
+
+    def run(self, batch: list[Item]) -> list[CapturedBatch]:
+        kept = [(p, t) for p, t in batch if t]
+        empty = [p for p, t in batch if not t]
+        captured = self._run(kept) if kept else [CapturedBatch([], [], np.zeros(0, np.int32))]
+        captured[0].empty = empty
+        return captured
+
+    def _run(self, kept: list[Item]) -> list[CapturedBatch]:
+        if self.limit is not None and len(kept) > self.limit:
+            return self._split(kept)
+        try:
+            ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
+            return [self.capture.run(ids, lengths, [p for p, _ in kept])]
+        except torch.OutOfMemoryError:
+            if self.capture.cuda:
+                torch.cuda.empty_cache()
+            if len(kept) == 1:
+                raise RunFailure(
+                    f"out of memory on a single prompt of {len(kept[0][1])} tokens; lower "
+                    "--max-length, select fewer layers, or use a larger device"
+                ) from None
+            self.limit = len(kept) // 2
+            self.retries += 1
+            self.note(f"out of memory on a batch of {len(kept)} prompts: retrying with "
+                      f"{self.limit} prompts per batch")
+            return self._split(kept)
+
+    def _split(self, kept: list[Item]) -> list[CapturedBatch]:
+        middle = len(kept) // 2
+        return self._run(kept[:middle]) + self._run(kept[middle:])

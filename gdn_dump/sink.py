@@ -1,0 +1,116 @@
+"""From captured batches to the writer, in prompt order, on a thread of its own.
+
+Batches arrive in run order (length-sorted inside a window, see :mod:`gdn_dump.schedule`); the
+store wants rows in prompt order. :class:`BatchSink` keeps each batch's host rows until every prompt
+before them has been handed on, then appends runs of consecutive prompts to the
+:class:`~gdn_dump.store.RowWriter`. Since windows are consecutive prompts and a window's batches
+all arrive before the next window's, it never holds more than one window of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .capture import CapturedBatch
+from .errors import RunFailure
+from .plan import Plan
+from .store import BackgroundWorker, RowWriter
+
+
+@dataclass
+class _HeldBatch:
+    rows: dict[str, np.ndarray]  # array name -> [n_rows, ...] host rows of one batch
+    nbytes: int
+    remaining: int  # prompts not yet handed to the writer
+
+
+@dataclass
+class _Ready:
+    held: _HeldBatch | None  # None: a prompt without tokens
+    start: int  # first row of the prompt in ``held.rows``
+    stop: int
+    residuals: dict[str, float]
+
+
+class BatchSink(BackgroundWorker):
+    """Waits for each batch's device-to-host copies, reorders prompts, feeds the writer.
+
+    The forward loop never waits for copies: this thread does. At most ``max_batches`` batches wait
+    in the queue, which holds capture back when writing lags. ``held_bytes`` / ``peak_held_bytes``
+    count the rows kept for reordering.
+    """
+
+    def __init__(self, writer: RowWriter, plan: Plan, result, start_prompt: int = 0,
+                 max_batches: int = 2):
+        self.writer = writer
+        self.result = result  # an ExtractResult: overflow and residual statistics go there
+        self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
+        self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
+        residuals = {a.name for a in plan.arrays if a.stream == "prompt"}
+        self.residual_arrays = {a.name: a.name.replace("attn_matrix", "attn_residual")
+                                for a in plan.attn_layers
+                                if a.name.replace("attn_matrix", "attn_residual") in residuals}
+        self.next_prompt = start_prompt
+        self._ready: dict[int, _Ready] = {}
+        self.held_bytes = 0
+        self.peak_held_bytes = 0
+        super().__init__("gdn-dump-sink", max_batches)
+
+    def handle(self, batch: CapturedBatch) -> None:
+        batch.wait()
+        rows = {"tokens": batch.tokens, **dict(batch.numpy_rows())}
+        held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts))
+        self.held_bytes += held.nbytes
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        offsets = np.concatenate([[0], np.cumsum(batch.lengths)]).tolist()
+        for i, prompt in enumerate(batch.prompts):
+            residuals = {name: values[i] for name, values in batch.residuals.items()}
+            self._ready[prompt] = _Ready(held, offsets[i], offsets[i + 1], residuals)
+        for prompt in batch.empty:  # an empty prompt has nothing to reproduce
+            self._ready[prompt] = _Ready(None, 0, 0, {name: 0.0 for name in self.residual_arrays})
+        for name, matrices in batch.matrices.items():  # regions: written in any order
+            for prompt, matrix in zip(batch.prompts, matrices):
+                self.writer.write_matrix(name, prompt, matrix, self.tiles[name])
+        self._tally(batch)
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Append every run of consecutive ready prompts; one slice per run within a batch."""
+        while self.next_prompt in self._ready:
+            first = self._ready.pop(self.next_prompt)
+            run = [first]
+            self.next_prompt += 1
+            while (self.next_prompt in self._ready and self._ready[self.next_prompt].held is first.held
+                   and self._ready[self.next_prompt].start == run[-1].stop):
+                run.append(self._ready.pop(self.next_prompt))
+                self.next_prompt += 1
+            held = first.held
+            if held is not None:
+                rows = slice(first.start, run[-1].stop)
+                self.writer.append("tokens", held.rows["tokens"][rows])
+                for name in self.token_arrays:
+                    self.writer.append(name, held.rows[name][rows])
+                held.remaining -= len(run)
+                if held.remaining == 0:
+                    self.held_bytes -= held.nbytes
+                    held.rows = {}
+            for matrix, residual in self.residual_arrays.items():
+                self.writer.append(residual, np.array([r.residuals[matrix] for r in run]))
+
+    def _tally(self, batch: CapturedBatch) -> None:
+        for name, values in batch.residuals.items():
+            worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
+            self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
+                                           count + len(values))
+        for name, count in batch.overflow().items():
+            self.result.overflow[name] = self.result.overflow.get(name, 0) + count
+
+    def close(self, end_prompt: int | None = None) -> None:
+        """Wait for every batch; check that every prompt up to ``end_prompt`` was handed on."""
+        super().close()
+        if self._ready or (end_prompt is not None and self.next_prompt != end_prompt):
+            waiting = sorted(self._ready)[:5]
+            raise RunFailure(f"internal error: prompts {self.next_prompt}.. were never captured "
+                             f"(waiting: {waiting}); the store stays in_progress")
