@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import GdnDumpError
+from .errors import GdnDumpError, Terminated
 
 app = typer.Typer(help="Stream Gated DeltaNet internals of Qwen3.5 / Qwen3-Next models into Zarr.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -83,6 +83,10 @@ KernelsOpt = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when inst
 TextFieldOpt = typer.Option("text", help="jsonl field that holds the prompt.")
 MaxLengthOpt = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded).")
 MaxBatchTokensOpt = typer.Option(None, help="Most padded tokens per batch.")
+ShardOpt = typer.Option(None, help="This process's share of the prompts, I/N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); under torchrun RANK/WORLD_SIZE are used without it.")
+ResumeOpt = typer.Option(False, help="Continue the run recorded in --out (killed, preempted); start it if there is none. Refused if the settings differ.")
+WaitTimeoutOpt = typer.Option(600.0, help="Seconds a process other than 0 waits for process 0 to create the store.")
+CheckpointOpt = typer.Option(60.0, help="Seconds between progress records (what --resume starts from).")
 SortWindowOpt = typer.Option("1GiB", help="Run prompts longest first within windows of this many bytes of rows (less padding; the store keeps file order; bounds the reorder memory). 0: file order.")
 OverwriteOpt = typer.Option(False, help="Replace an existing --out.")
 DryRunOpt = typer.Option(False, help="Print the plan and exit without loading weights or writing anything.")
@@ -107,9 +111,11 @@ def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log:
     try:
         result = run_extract(opts, None if quiet else RichReporter(err))
         written = _draw(opts, result, png, png_log, png_max_prompts) if png and not opts.dry_run else []
-    except KeyboardInterrupt:
-        err.print(f"gdn-dump: interrupted; {opts.out} is left in_progress")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = getattr(exc, "exit_code", 130)
+        err.print(f"gdn-dump: {'terminated' if code == 143 else 'interrupted'}; what was captured "
+                  f"is written and {opts.out} stays in_progress: rerun with --resume to continue")
+        raise typer.Exit(code) from None
     except Exception as exc:  # one line, never a traceback (unless --debug)
         _fail(exc, debug)
     if opts.dry_run:
@@ -118,6 +124,10 @@ def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log:
     for name, count in result.overflow.items():
         err.print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf when cast to "
                   f"{result.plan.storage_dtype}; use --dtype float32")
+    if result.pending_regions:
+        err.print(f"region {result.split.index} of {result.split.count} is done; "
+                  f"{len(result.pending_regions)} region(s) still running: the last process to "
+                  "finish marks the store complete (or run gdn-dump finalize)")
     if not quiet:
         err.print(summary_table(result))
         if written:
@@ -158,6 +168,10 @@ def extract(
     batch_size: int = typer.Option(8, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
     sort_window: str = SortWindowOpt,
+    shard: Optional[str] = ShardOpt,
+    resume: bool = ResumeOpt,
+    wait_timeout: float = WaitTimeoutOpt,
+    checkpoint_every: float = CheckpointOpt,
     dtype: str = typer.Option("float16", help="Storage dtype of vector hooks: float32, float16 or bfloat16 (per-head scalars stay float32)."),
     chunk_tokens: Optional[int] = typer.Option(None, help="Token rows per chunk (default: a few MB per chunk)."),
     shard_tokens: Optional[int] = typer.Option(None, help="Group chunks into shard files of about this many token rows (zarr's sharding codec); whole shards are written at once."),
@@ -182,7 +196,8 @@ def extract(
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
         max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-        sort_window_bytes=window, dtype=dtype,
+        sort_window_bytes=window, shard=shard, resume=resume, wait_timeout=wait_timeout,
+        checkpoint_every=checkpoint_every, dtype=dtype,
         chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, compressor=compressor, writer=writer,
         overwrite=overwrite,
         dry_run=dry_run, force=force, attn_layers=attn_layers, attn_heads=attn_heads, attn_mode=attn_mode,
@@ -216,6 +231,10 @@ def attn_matrix(
     batch_size: int = typer.Option(1, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
     sort_window: str = SortWindowOpt,
+    shard: Optional[str] = ShardOpt,
+    resume: bool = ResumeOpt,
+    wait_timeout: float = WaitTimeoutOpt,
+    checkpoint_every: float = CheckpointOpt,
     overwrite: bool = OverwriteOpt,
     dry_run: bool = DryRunOpt,
     force: bool = ForceOpt,
@@ -236,7 +255,8 @@ def attn_matrix(
         model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
         max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-        sort_window_bytes=window, overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
+        sort_window_bytes=window, shard=shard, resume=resume, wait_timeout=wait_timeout,
+        checkpoint_every=checkpoint_every, overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
         attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=budget,
         command_line=["gdn-dump", *sys.argv[1:]],
     ), quiet=quiet, debug=debug, png=png, png_log=png_log, png_max_prompts=png_max_prompts)
@@ -299,6 +319,39 @@ def inspect(
     _console().print(f"prompts: {json.dumps(meta.get('prompts'))}")
     _console().print(f"storage dtype: {meta.get('storage_dtype')}, truncated: {meta.get('truncated')}")
     _console().print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
+
+
+@app.command()
+def finalize(
+    store: Path = typer.Argument(..., help="A store whose regions are all written."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Mark a store complete once every process's region is written (idempotent)."""
+    from .pipeline import finalize_store
+
+    try:
+        status = finalize_store(store)
+    except Exception as exc:
+        _fail(exc, debug)
+    _console().print(f"{store}: {status}")
+
+
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="A store written by gdn-dump."),
+    allow_nonfinite: bool = typer.Option(False, help="Report NaN/inf values without failing."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Check that a store is complete and consistent; exit 0 only if every check holds."""
+    from .verify import render, verify_store
+
+    try:
+        checks = verify_store(store, allow_nonfinite=allow_nonfinite)
+    except Exception as exc:
+        _fail(exc, debug)
+    _console().print(render(checks))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

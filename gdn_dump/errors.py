@@ -29,3 +29,9 @@ class RunFailure(GdnDumpError):
     """A failure during the run (disk full, non-finite values with --fail-on-nonfinite). Exit code 1."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (Slurm preemption, ``kill``): flush, record progress, exit 143."""
+
+    exit_code = 143

@@ -10,31 +10,32 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .capture import Capture
+import torch
+
 from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
+from .capture import Capture
 from .catalogue import Catalogue
-from .errors import GdnDumpError, RunFailure
-from .models import LoadedModel, load_config, load_model, load_tokenizer
+from .coordinate import Session, fault, fingerprint, open_session, signals_as_exceptions
+from .errors import GdnDumpError, RunFailure, Terminated
+from .ledger import finalize, region_status, write_record
+from .models import (
+    LoadedModel,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_dtype,
+)
 from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
-from .schedule import HalvingRunner, batches
-from .sink import BatchSink
-from .store import (
-    COMPLETE,
-    FAILED,
-    WRITERS,
-    RowWriter,
-    check_out,
-    compressors_for,
-    create_store,
-    now_iso,
-    provenance_base,
-    set_status,
-)
+from .schedule import HalvingRunner, units
+from .sink import BatchSink, UnitEnd
+from .store import ATTR, COMPLETE, FAILED, WRITERS, RowWriter, check_out, compressors_for, open_store, provenance_base
+from .workers import Barrier, WorkSplit, detect_split, split_regions
 
 TOKENIZE_BLOCK = 512
 
@@ -78,6 +79,10 @@ class ExtractOptions:
     attn_precision: str = "float32"
     max_attn_bytes: int = 16 << 30
     command_line: list[str] = field(default_factory=list)
+    shard: str | None = None  # "I/N"; torchrun's RANK / WORLD_SIZE are read without it
+    resume: bool = False  # continue from the store's progress ledger (or start if there is none)
+    wait_timeout: float = 600.0  # seconds a process waits for process 0 to create the store
+    checkpoint_every: float = 60.0  # seconds between progress records (at unit boundaries)
 
 
 @dataclass
@@ -95,6 +100,10 @@ class ExtractResult:
     peak_held_bytes: int = 0  # rows held for reordering, at most
     peak_rss: int = 0
     model: LoadedModel | None = None
+    split: WorkSplit | None = None
+    session: Session | None = None
+    status: str = "in_progress"  # of the whole store once this process is done
+    pending_regions: list[int] = field(default_factory=list)  # regions other processes still run
 
 
 class Reporter:
@@ -108,14 +117,17 @@ class Reporter:
 
 def extract(opts: ExtractOptions, reporter: Reporter | None = None,
             model: LoadedModel | None = None) -> ExtractResult:
-    """Run ``gdn-dump extract``: plan, create the store, stream every batch into it, finalize.
+    """Run ``gdn-dump extract`` in this process: plan, create or join the store, stream this
+    process's region into it, and finalize the store if it was the last region to finish.
 
     Everything a user can get wrong is checked before the weights load: the output path, the
     prompt file, the hook and layer selection, the matrix budget and the free disk space.
     """
     reporter = reporter or Reporter()
     _validate(opts)
-    if not opts.dry_run:
+    split = detect_split(opts.shard)
+    fresh = split.creator and not (opts.resume and Path(opts.out, "zarr.json").exists())
+    if not opts.dry_run and fresh:
         check_out(opts.out, overwrite=opts.overwrite)
     with open_prompts(opts.prompts, text_field=opts.text_field) as source:
         if model is None:
@@ -125,47 +137,58 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
                                        trust_remote_code=opts.trust_remote_code)
         else:
             config, tokenizer = model.config, model.tokenizer
-        plan = plan_run(opts, Catalogue(config), tokenizer, source)
-        result = ExtractResult(plan=plan, out=Path(opts.out), model=model)
+        plan = plan_run(opts, Catalogue(config), tokenizer, source, split.count)
+        result = ExtractResult(plan=plan, out=Path(opts.out), model=model, split=split)
         check_budget(plan, opts.max_attn_bytes)
         if opts.dry_run:
             return result
-        if not opts.force:
+        if not opts.force and fresh:
             check_free_space(opts.out, plan.total_bytes)
+        device = _device_for(opts.device, split)
+        fp = fingerprint(opts, plan, source, split,
+                         str(model.dtype if model else resolve_model_dtype(opts.model_dtype, device)))
         model = result.model = model or load_model(
-            opts.model, revision=opts.revision, device=opts.device, model_dtype=opts.model_dtype,
+            opts.model, revision=opts.revision, device=str(device), model_dtype=opts.model_dtype,
             trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
             kernels=opts.kernels,
         )
-        provenance = _provenance(opts, model, plan, source)
-        group = create_store(opts.out, plan, provenance, overwrite=opts.overwrite,
-                             compressor=opts.compressor, prompt_ids=(p.id for p in source))
-        _run(opts, model, plan, source, group, result, reporter)
-    _finalize(group, plan, result)
+        barrier = Barrier(split, opts.wait_timeout)
+        try:
+            session = open_session(opts, plan, source, split, fp,
+                                   _provenance(opts, model, plan, source, split), barrier)
+            result.session = session
+            if not session.region_done and not session.store_complete:
+                with signals_as_exceptions():
+                    _run(opts, model, plan, source, session, result, reporter)
+        finally:
+            barrier.close()
+    if session.store_complete:
+        result.status = COMPLETE
+        return result
+    fault("before-finalize")
+    records, pending = region_status(session.group)
+    result.pending_regions = pending
+    if not pending:
+        result.status = finalize(session.group, RESIDUAL_LIMIT)
+        if result.status == FAILED:
+            raise RunFailure(session.group.attrs[ATTR]["failure"])
     return result
 
 
-def _finalize(group, plan: Plan, result: ExtractResult) -> None:
-    """Record the faithfulness of the matrices; ``complete`` only if every check holds."""
-    failures = []
-    for a in plan.attn_layers:
-        stats = result.residuals.get(a.name)
-        if stats is None:
-            continue
-        worst, total, count = stats
-        group[a.name].attrs.update({"residual_max": worst, "residual_mean": total / max(count, 1),
-                                    "residual_limit": RESIDUAL_LIMIT})
-        if worst > RESIDUAL_LIMIT:
-            failures.append(f"{a.name}: ||M V - o|| / ||o|| = {worst:.2e}")
-    common = dict(finished=now_iso(), seconds=round(result.seconds, 3), overflow=result.overflow,
-                  oom_retries=result.oom_retries, padding=round(result.padding, 4),
-                  peak_rss_bytes=result.peak_rss)
-    if failures:
-        message = (f"the effective attention does not reproduce the layer output (limit "
-                   f"{RESIDUAL_LIMIT:g}): {'; '.join(failures)}")
-        set_status(group, FAILED, failure=message, **common)
-        raise RunFailure(message)
-    set_status(group, COMPLETE, **common)
+def finalize_store(path: str | Path) -> str:
+    """``gdn-dump finalize``: mark a store whose regions are all done ``complete``; idempotent."""
+    group = open_store(path, mode="r+")
+    status = finalize(group, RESIDUAL_LIMIT)
+    if status == FAILED:
+        raise RunFailure(group.attrs[ATTR]["failure"])
+    return status
+
+
+def _device_for(device: str, split: WorkSplit) -> torch.device:
+    """Under torchrun, ``--device auto`` means this process's GPU (``LOCAL_RANK``)."""
+    if device == "auto" and split.local_rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", split.local_rank % torch.cuda.device_count())
+    return resolve_device(device)
 
 
 def _validate(opts: ExtractOptions) -> None:
@@ -178,14 +201,18 @@ def _validate(opts: ExtractOptions) -> None:
         raise GdnDumpError(f"--batch-size must be at least 1, not {opts.batch_size}")
     if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
         raise GdnDumpError(f"--max-batch-tokens must be at least 1, not {opts.max_batch_tokens}")
+    if opts.checkpoint_every < 0 or opts.wait_timeout < 0:
+        raise GdnDumpError("--checkpoint-every and --wait-timeout must not be negative")
     if opts.sort_window_bytes < 0:
         raise GdnDumpError(f"--sort-window must be 0 (off) or a size, not {opts.sort_window_bytes}")
     if opts.max_length is not None and opts.max_length < 1:
         raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
 
 
-def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource) -> Plan:
-    """Resolve the selection, tokenise every prompt once for its length, lay out the store."""
+def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
+             processes: int = 1) -> Plan:
+    """Resolve the selection, tokenise every prompt once for its length, lay out the store
+    (with ``processes`` regions, each starting on a chunk boundary)."""
     attn_layers = (select_attn_layers(catalogue, opts.attn_layers, opts.attn_heads)
                    if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
@@ -194,10 +221,23 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length):
         lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
         truncated += sum(raw > len(t) for raw, t in zip(raw_lengths, token_lists))
-    return make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
-                     shard_tokens=opts.shard_tokens,
-                     max_length=opts.max_length, truncated=truncated, attn_layers=attn_layers,
-                     attn_mode=opts.attn_mode)
+    layout = dict(storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
+                  shard_tokens=opts.shard_tokens, max_length=opts.max_length, truncated=truncated,
+                  attn_layers=attn_layers, attn_mode=opts.attn_mode)
+    plan = make_plan(hooks, lengths, **layout)
+    if processes == 1:
+        return plan
+    starts = [min(p for batch in unit for p, _ in batch) for unit in plan_units(opts, plan)]
+    regions = split_regions(starts, lengths, processes, cut_every=plan.prompt_chunk)
+    return make_plan(hooks, lengths, regions=regions, **layout)
+
+
+def plan_units(opts: ExtractOptions, plan: Plan, items=None):
+    """The units of the run (see :mod:`gdn_dump.schedule`); by default from lengths alone."""
+    if items is None:
+        items = ((p, range(n)) for p, n in enumerate(plan.prompt_lengths.tolist()))
+    return units(items, opts.batch_size, opts.max_batch_tokens, window_tokens(opts, plan),
+                 plan.prompt_chunk)
 
 
 def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None):
@@ -222,10 +262,27 @@ def _tokenize(tokenizer, texts: list[str], max_length: int | None):
     return ids, raw
 
 
-def tokenized(source: Iterable, tokenizer, max_length: int | None) -> Iterator[tuple[int, list[int]]]:
-    """``(prompt_index, token_ids)`` for every prompt, in file order (tokenised in blocks)."""
-    for start, token_lists, _ in _tokenized_blocks(source, tokenizer, max_length):
-        yield from enumerate(token_lists, start)
+def tokenized(source: Iterable, tokenizer, max_length: int | None, lengths: np.ndarray,
+              lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Sequence[int]]]:
+    """``(prompt_index, token_ids)`` for every prompt in file order; prompts outside
+    ``[lo, hi)`` are not tokenised (``range(length)`` stands in: batching needs only lengths)."""
+    hi = len(lengths) if hi is None else hi
+    block: list[str] = []
+    first = lo
+    for index, prompt in enumerate(source):
+        if index < lo or index >= hi:
+            if block:  # leaving the range: tokenise what was gathered
+                yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
+                block = []
+            yield index, range(int(lengths[index]))
+            continue
+        block.append(prompt.text)
+        if len(block) == TOKENIZE_BLOCK:
+            yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
+            first += len(block)
+            block = []
+    if block:
+        yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
 
 
 def window_tokens(opts: ExtractOptions, plan: Plan) -> int | None:
@@ -235,32 +292,61 @@ def window_tokens(opts: ExtractOptions, plan: Plan) -> int | None:
     return max(1, opts.sort_window_bytes // max(plan.bytes_per_token, 1))
 
 
-def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractResult,
+def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result: ExtractResult,
          reporter: Reporter) -> None:
+    """Capture and write the units of this process's region, from ``session.resume_from`` on."""
     attention = (AttentionCapture(plan.attn_layers, mode=opts.attn_mode, method=opts.attn_method,
                                   precision=opts.attn_precision) if plan.attn_layers else None)
     capture = Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device, attention)
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
-    writer = RowWriter(group, plan.arrays, engine=opts.writer)
-    sink = BatchSink(writer, plan, result)
+    first, hi = session.resume_from, session.hi
+    start_row = int(plan.prompt_starts[first]) if first < plan.n_prompts else plan.n_rows
+    writer = RowWriter(session.group, plan.arrays, start_row=start_row, start_prompt=first,
+                       engine=opts.writer)
+    checkpoints = [0]
+
+    def record(resume_from: int, done: bool = False) -> None:  # on the writer thread
+        write_record(session.group, session.region, {
+            "prompts": [session.lo, hi], "rows": list(plan.region_rows(session.region)),
+            "resume_from": resume_from, "done": done, "tokens": result.tokens,
+            "overflow": dict(result.overflow), "oom_retries": runner.retries,
+            "seconds": round(time.perf_counter() - started, 3),
+            "padding": round(_padding(real, padded), 4), "peak_rss": peak_rss(),
+        })
+        checkpoints[0] += 1
+        fault(f"after-checkpoint:{checkpoints[0]}")
+
+    sink = BatchSink(writer, plan, result, start_prompt=first, checkpoint=record,
+                     checkpoint_every=opts.checkpoint_every)
     runner = HalvingRunner(capture, pad_id, reporter.note)
-    reporter.start(plan.n_prompts, plan.n_rows)
+    todo = plan.prompt_starts[hi - 1] + plan.prompt_lengths[hi - 1] - start_row if hi > first else 0
+    reporter.start(hi - first, int(todo))
     started = time.perf_counter()
     real = padded = 0
+    items = tokenized(source, model.tokenizer, opts.max_length, plan.prompt_lengths, first, hi)
     try:
-        for batch in batches(tokenized(source, model.tokenizer, opts.max_length), opts.batch_size,
-                             opts.max_batch_tokens, window_tokens(opts, plan)):
-            for captured in runner.run(batch):
-                sink.put(captured)
-            lengths = [len(t) for _, t in batch]
-            real += sum(lengths)
-            padded += max(lengths) * len(lengths)
-            result.prompts += len(batch)
-            result.tokens += sum(lengths)
-            reporter.advance(len(batch), sum(lengths), writer.bytes_written)
-        sink.close(end_prompt=plan.n_prompts)
+        for unit in plan_units(opts, plan, items):
+            unit_lo = min(p for batch in unit for p, _ in batch)
+            if unit_lo < first:
+                continue
+            if unit_lo >= hi:
+                break
+            for batch in unit:
+                for captured in runner.run(batch):
+                    sink.put(captured)
+                lengths = [len(t) for _, t in batch]
+                real += sum(lengths)
+                padded += max(lengths) * len(lengths)
+                result.prompts += len(batch)
+                result.tokens += sum(lengths)
+                reporter.advance(len(batch), sum(lengths), writer.bytes_written)
+            sink.put(UnitEnd(max(p for batch in unit for p, _ in batch) + 1))
+        sink.close(end_prompt=hi)
         writer.close()
+    except (KeyboardInterrupt, Terminated):
+        _flush_on_signal(sink, writer, record)
+        raise
     except BaseException:
         sink.abort()
         writer.abort()
@@ -268,11 +354,27 @@ def _run(opts, model: LoadedModel, plan: Plan, source, group, result: ExtractRes
     finally:
         reporter.finish()
         result.oom_retries = runner.retries
-    result.seconds = time.perf_counter() - started
+        result.seconds += time.perf_counter() - started
     result.bytes_written = writer.bytes_written
-    result.padding = 1 - real / padded if padded else 0.0
+    result.padding = _padding(real, padded)
     result.peak_held_bytes = sink.peak_held_bytes
     result.peak_rss = peak_rss()
+    record(hi, done=True)
+
+
+def _flush_on_signal(sink: BatchSink, writer: RowWriter, record) -> None:
+    """On SIGINT / SIGTERM: write what was captured, record the last whole unit, leave resumable."""
+    try:
+        sink.close(strict=False)
+        writer.checkpoint(lambda: record(sink.last_unit_end))
+        writer.close()
+    except BaseException:  # the signal's exit code matters more than a second failure
+        sink.abort()
+        writer.abort()
+
+
+def _padding(real: int, padded: int) -> float:
+    return 1 - real / padded if padded else 0.0
 
 
 def peak_rss() -> int:
@@ -280,7 +382,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) -> dict:
+def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
+                split: WorkSplit) -> dict:
     return {
         **provenance_base(opts.command_line),
         "model": model.info,
@@ -300,4 +403,6 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source) ->
         if plan.attn_layers else None,
         "max_batch_tokens": opts.max_batch_tokens,
         "sort_window_bytes": opts.sort_window_bytes,
+        "processes": {"count": split.count, "launcher": split.launcher,
+                      "regions": [list(r) for r in plan.regions]},
     }

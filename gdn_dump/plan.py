@@ -7,6 +7,7 @@ longest chunk of a store is a multiple of every other: aligning work to it align
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SCALAR_DTYPE = "float32"
 TARGET_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_TOKENS = 1 << 20
+PROMPT_CHUNK = 1024  # per-prompt arrays (attention residuals)
 ATTENTION_TILE = 256
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
 
@@ -70,6 +72,19 @@ class Plan:
     truncated: int
     attn_layers: list = field(default_factory=list)  # AttnLayer, see attn_capture
     attn_mode: str = "exact"
+    regions: list[tuple[int, int]] = field(default_factory=list)  # prompts [lo, hi) per process
+
+    def region_rows(self, region: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` owned by ``region`` (its first row is chunk aligned)."""
+        lo, hi = self.regions[region]
+        if lo == hi:
+            return (0, 0)
+        return int(self.prompt_starts[lo]), int(self.prompt_starts[hi - 1] + self.prompt_lengths[hi - 1])
+
+    @property
+    def prompt_chunk(self) -> int | None:
+        """Chunk of the per-prompt arrays written during the run (processes split only there)."""
+        return next((a.chunks[0] for a in self.arrays if a.stream == "prompt"), None)
 
     @property
     def matrix_bytes(self) -> int:
@@ -108,6 +123,7 @@ def make_plan(
     attn_layers: list | tuple = (),
     attn_mode: str = "exact",
     shard_tokens: int | None = None,
+    regions: list[tuple[int, int]] | None = None,
 ) -> Plan:
     if storage_dtype not in STORAGE_DTYPES:
         raise GdnDumpError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
@@ -116,17 +132,14 @@ def make_plan(
     if shard_tokens is not None and shard_tokens < 1:
         raise GdnDumpError(f"--shard-tokens must be at least 1, not {shard_tokens}")
     lengths = np.asarray(prompt_lengths, dtype=np.int64)
-    starts = np.zeros_like(lengths)
-    if len(lengths):
-        np.cumsum(lengths[:-1], out=starts[1:])
-    n_rows = int(lengths.sum())
+    n_tokens = int(lengths.sum())
     l_max = int(lengths.max()) if len(lengths) else 0
 
     def token_chunks(row_bytes: int) -> int:
         if chunk_tokens is not None:
             return chunk_tokens
         fit = _pow2_floor(max(1, target_chunk_bytes // max(row_bytes, 1)))
-        return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_rows, 1))))
+        return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_tokens, 1))))
 
     def rows_layout(row_bytes: int, row_shape: tuple[int, ...]) -> dict:
         """``chunks`` (and ``shards``: a multiple of the chunk holding about ``shard_tokens`` rows)."""
@@ -137,6 +150,17 @@ def make_plan(
         shard = -(-shard_tokens // chunk) * chunk
         return {"chunks": (chunk, *row_shape), "shards": (shard, *row_shape)}
 
+    def row_bytes_of(hook: HookSpec) -> int:
+        dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
+        return int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+
+    per_token = [h for h in hooks if h.kind != ATTENTION_MATRIX]
+    write_units = [(rows_layout(4, ()).get("shards") or rows_layout(4, ())["chunks"])[0]]
+    write_units += [(lambda lay: (lay.get("shards") or lay["chunks"])[0])(rows_layout(row_bytes_of(h), h.shape))
+                    for h in per_token]
+    regions = list(regions) if regions else [(0, len(lengths))]
+    starts, n_rows = _region_layout(lengths, regions, math.lcm(*write_units))
+
     arrays = [ArraySpec("tokens", (n_rows,), "int32", dims=("token",), **rows_layout(4, ()))]
     n_prompts = len(lengths)
     for hook in hooks:
@@ -146,20 +170,34 @@ def make_plan(
                                        {"kind": kind}, hook))
             continue
         dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
-        row_bytes = int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
         arrays.append(ArraySpec(hook.name, (n_rows, *hook.shape), dtype, dims=("token", *hook.dims),
-                                hook=hook, **rows_layout(row_bytes, hook.shape)))
+                                hook=hook, **rows_layout(row_bytes_of(hook), hook.shape)))
     for a in attn_layers:
         attrs = {"kind": a.kind(attn_mode), "layer": a.layer, "layer_type": a.layer_type,
                  "heads": list(a.heads)}
         arrays.append(_matrix_spec(a.name, n_prompts, len(a.heads), a.head_dim, l_max, attrs))
         if a.layer_type == "gdn" and attn_mode == "exact":
             arrays.append(ArraySpec(f"blocks.{a.layer}.attn_residual", (n_prompts,), "float64",
-                                    (max(1, min(n_prompts, 1 << 16)),), ("prompt",),
+                                    (max(1, min(n_prompts, PROMPT_CHUNK)),), ("prompt",),
                                     attrs={"meaning": "||M V - recurrence_out|| / ||recurrence_out||"},
                                     stream="prompt"))
     return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
-                list(attn_layers), attn_mode)
+                list(attn_layers), attn_mode, regions)
+
+
+def _region_layout(lengths: np.ndarray, regions: list[tuple[int, int]], align: int
+                   ) -> tuple[np.ndarray, int]:
+    """Rows of each prompt: prompts back to back, each region starting on a multiple of ``align``
+    (the longest chunk or shard), so no two regions share a chunk. Returns starts and row count."""
+    starts = np.zeros_like(lengths)
+    row = 0
+    for r, (lo, hi) in enumerate(regions):
+        if r and hi > lo:
+            row = -(-row // align) * align
+        if hi > lo:
+            starts[lo:hi] = row + np.concatenate([[0], np.cumsum(lengths[lo:hi - 1])])
+            row += int(lengths[lo:hi].sum())
+    return starts, row
 
 
 def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: int, attrs: dict,

@@ -25,28 +25,61 @@ Item = tuple[int, list[int]]
 MAX_WINDOW_BATCHES = 64
 
 
-def batches(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
-            window_tokens: int | None = None) -> Iterator[list[Item]]:
-    """Group ``items`` (in prompt order) into batches.
+def units(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
+          window_tokens: int | None = None, boundary_every: int | None = None
+          ) -> Iterator[list[list[Item]]]:
+    """Group ``items`` (in prompt order) into *units*: runs of consecutive prompts, each a list of
+    batches. A unit is a sorting window (with ``window_tokens``) or a single batch (without).
+
+    Units are the grain of the work split and of resume: they depend only on the prompt lengths
+    and these options, never on the number of processes, so every process batches every prompt
+    exactly as a single process would (same padding partners, bit-identical values). No unit
+    straddles a multiple of ``boundary_every`` prompts (the chunk of per-prompt arrays, so that
+    processes can split there without sharing a chunk).
 
     A batch holds at most ``batch_size`` prompts and, when ``max_batch_tokens`` is set, at most that
-    many padded tokens (a longer prompt goes alone). With ``window_tokens`` the prompts of each
-    window are sorted by length, longest first (ties keep file order); without it batches are
-    consecutive prompts.
+    many padded tokens (a longer prompt goes alone). Inside a window prompts run longest first
+    (ties keep file order).
     """
-    if not window_tokens:
-        yield from _pack(items, batch_size, max_batch_tokens)
-        return
     window: list[Item] = []
     held = 0
+    limit = batch_size * MAX_WINDOW_BATCHES if window_tokens else batch_size
     for item in items:
+        if window and boundary_every and item[0] % boundary_every == 0:
+            yield _cut(window, batch_size, max_batch_tokens, window_tokens)
+            window, held = [], 0
+        if window and not window_tokens and _too_wide(window, item, max_batch_tokens):
+            yield [window]
+            window, held = [], 0
         window.append(item)
         held += len(item[1])
-        if held >= window_tokens or len(window) >= batch_size * MAX_WINDOW_BATCHES:
-            yield from _pack(_longest_first(window), batch_size, max_batch_tokens)
+        if len(window) >= limit or (window_tokens and held >= window_tokens):
+            yield _cut(window, batch_size, max_batch_tokens, window_tokens)
             window, held = [], 0
     if window:
-        yield from _pack(_longest_first(window), batch_size, max_batch_tokens)
+        yield _cut(window, batch_size, max_batch_tokens, window_tokens)
+
+
+def batches(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
+            window_tokens: int | None = None, boundary_every: int | None = None
+            ) -> Iterator[list[Item]]:
+    """The batches of :func:`units`, one after another."""
+    for unit in units(items, batch_size, max_batch_tokens, window_tokens, boundary_every):
+        yield from unit
+
+
+def _cut(window: list[Item], batch_size: int, max_batch_tokens: int | None,
+         window_tokens: int | None) -> list[list[Item]]:
+    if not window_tokens:
+        return [window]
+    return list(_pack(_longest_first(window), batch_size, max_batch_tokens))
+
+
+def _too_wide(batch: list[Item], item: Item, max_batch_tokens: int | None) -> bool:
+    if max_batch_tokens is None:
+        return False
+    width = max(len(item[1]), *(len(t) for _, t in batch))
+    return width * (len(batch) + 1) > max_batch_tokens
 
 
 def _longest_first(window: list[Item]) -> list[Item]:

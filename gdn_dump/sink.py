@@ -9,6 +9,8 @@ all arrive before the next window's, it never holds more than one window of rows
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,13 @@ from .capture import CapturedBatch
 from .errors import RunFailure
 from .plan import Plan
 from .store import BackgroundWorker, RowWriter
+
+
+@dataclass(frozen=True)
+class UnitEnd:
+    """Put after the last batch of a unit: every prompt before ``prompt`` has been captured."""
+
+    prompt: int
 
 
 @dataclass
@@ -43,8 +52,12 @@ class BatchSink(BackgroundWorker):
     """
 
     def __init__(self, writer: RowWriter, plan: Plan, result, start_prompt: int = 0,
-                 max_batches: int = 2):
+                 max_batches: int = 2, checkpoint=None, checkpoint_every: float = 60.0):
         self.writer = writer
+        # checkpoint(prompt) runs on the writer thread once every row before ``prompt`` is durable
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.last_unit_end = start_prompt  # the latest unit boundary handed to the writer
+        self._last_checkpoint = time.monotonic()
         self.result = result  # an ExtractResult: overflow and residual statistics go there
         self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
         self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
@@ -58,7 +71,10 @@ class BatchSink(BackgroundWorker):
         self.peak_held_bytes = 0
         super().__init__("gdn-dump-sink", max_batches)
 
-    def handle(self, batch: CapturedBatch) -> None:
+    def handle(self, batch: CapturedBatch | UnitEnd) -> None:
+        if isinstance(batch, UnitEnd):
+            self._unit_end(batch.prompt)
+            return
         batch.wait()
         rows = {"tokens": batch.tokens, **dict(batch.numpy_rows())}
         held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts))
@@ -99,6 +115,16 @@ class BatchSink(BackgroundWorker):
             for matrix, residual in self.residual_arrays.items():
                 self.writer.append(residual, np.array([r.residuals[matrix] for r in run]))
 
+    def _unit_end(self, prompt: int) -> None:
+        if self.next_prompt != prompt or self._ready:
+            raise RunFailure(f"internal error: unit ending at prompt {prompt} while prompt "
+                             f"{self.next_prompt} is next")
+        self.last_unit_end = prompt
+        now = time.monotonic()
+        if self.checkpoint is not None and now - self._last_checkpoint >= self.checkpoint_every:
+            self._last_checkpoint = now
+            self.writer.checkpoint(functools.partial(self.checkpoint, prompt))
+
     def _tally(self, batch: CapturedBatch) -> None:
         for name, values in batch.residuals.items():
             worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
@@ -107,9 +133,12 @@ class BatchSink(BackgroundWorker):
         for name, count in batch.overflow().items():
             self.result.overflow[name] = self.result.overflow.get(name, 0) + count
 
-    def close(self, end_prompt: int | None = None) -> None:
-        """Wait for every batch; check that every prompt up to ``end_prompt`` was handed on."""
+    def close(self, end_prompt: int | None = None, strict: bool = True) -> None:
+        """Wait for every batch; check that every prompt up to ``end_prompt`` was handed on
+        (not ``strict``: after an interruption, prompts may be waiting for earlier ones)."""
         super().close()
+        if not strict:
+            return
         if self._ready or (end_prompt is not None and self.next_prompt != end_prompt):
             waiting = sorted(self._ready)[:5]
             raise RunFailure(f"internal error: prompts {self.next_prompt}.. were never captured "

@@ -86,8 +86,9 @@ def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array
         spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
         dimension_names=list(spec.dims), compressors=compressors, fill_value=0,
         attributes={**hook_attrs, **spec.attrs},
-        # bfloat16 is compared by value in zarr's empty-chunk check (-0.0 would become +0.0).
-        config={"write_empty_chunks": spec.dtype == "bfloat16"},
+        # Every written chunk exists as an object, even if all zeros: `verify` checks that the chunks
+        # of every prompt's rows are there.
+        config={"write_empty_chunks": True},
     )
 
 
@@ -179,12 +180,13 @@ class RowWriter(BackgroundWorker):
     """
 
     def __init__(self, group: zarr.Group, arrays: list[ArraySpec], start_row: int = 0,
-                 max_pending: int = 8, engine: str = "zarr"):
+                 max_pending: int = 8, engine: str = "zarr", start_prompt: int = 0):
         self._arrays = _open_for_writing(group, [spec.name for spec in arrays], engine)
         self._engine = engine
         self._pending: collections.deque = collections.deque()  # TensorStore write futures
         self._buffers: dict[str, _ChunkBuffer] = {
-            spec.name: _ChunkBuffer(spec, start_row) for spec in arrays if spec.stream
+            spec.name: _ChunkBuffer(spec, start_prompt if spec.stream == "prompt" else start_row)
+            for spec in arrays if spec.stream
         }
         self.bytes_written = 0
         super().__init__("gdn-dump-writer", max_pending)
@@ -217,8 +219,25 @@ class RowWriter(BackgroundWorker):
                 start, block = tail
                 self.put((name, slice(start, start + len(block)), block))
 
+    def checkpoint(self, callback) -> None:
+        """Make every row appended so far durable, then call ``callback()`` on the writer thread.
+
+        The partial chunk of each array is written as it is (and kept: the whole chunk is written
+        again, over it, once full), so a run killed after the callback loses nothing before it.
+        """
+        for name, buffer in self._buffers.items():
+            partial = buffer.peek()
+            if partial is not None:
+                start, block = partial
+                self.put((name, slice(start, start + len(block)), block))
+        self.put((_CHECKPOINT, callback, None))
+
     def handle(self, item) -> None:
         name, where, block = item
+        if name is _CHECKPOINT:
+            self._wait_pending()
+            where()
+            return
         target = self._arrays[name]
         if self._engine == "zarr":
             target[where] = block
@@ -231,7 +250,10 @@ class RowWriter(BackgroundWorker):
     def close(self) -> None:
         """Write the last, partial chunk of each array and wait for every write."""
         self._flush_tails()
+        self.put((_CHECKPOINT, self._wait_pending, None))
         BackgroundWorker.close(self)
+
+    def _wait_pending(self) -> None:
         while self._pending:
             self._pending.popleft().result()
 
@@ -246,6 +268,7 @@ class RowWriter(BackgroundWorker):
 
 
 WRITERS = ("zarr", "tensorstore")
+_CHECKPOINT = object()
 _TS_IN_FLIGHT = 16
 
 
@@ -266,7 +289,8 @@ def _open_for_writing(group: zarr.Group, names: list[str], engine: str) -> dict:
     root = Path(group.store.root) / group.path
     context = ts.Context()
     return {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)},
-                           "open": True}, context=context).result() for name in names}
+                           "open": True, "store_data_equal_to_fill_value": True},
+                          context=context).result() for name in names}
 
 
 class _ChunkBuffer:
@@ -293,6 +317,14 @@ class _ChunkBuffer:
     def flush(self):
         return self._emit() if self.filled else None
 
+    def peek(self):
+        """``(start_row, rows)`` held so far, without handing them out (None when empty)."""
+        if not self.filled:
+            return None
+        if len(self.parts) > 1:
+            self.parts = [np.concatenate(self.parts)]
+        return self.next_row, self.parts[0]
+
     def _emit(self):
         block = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
         start = self.next_row
@@ -301,12 +333,12 @@ class _ChunkBuffer:
         return start, np.ascontiguousarray(block)
 
 
-def open_store(path: str | Path) -> zarr.Group:
+def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such store")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(str(path), mode=mode)
     except Exception as exc:
         raise StoreError(f"{path} is not a Zarr v3 store ({exc})") from exc
     if ATTR not in group.attrs:
