@@ -12,14 +12,13 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import zarr
 
 from .errors import StoreError, Terminated
 from .ledger import differences, mark_ready, read_record, ready_info, wait_ready
 from .plan import Plan
-from .store import ATTR, COMPLETE, check_out, create_store
+from .store import ATTR, COMPLETE, check_out, create_store, has_store, open_store
 from .workers import Barrier, WorkSplit, run_id
 
 
@@ -57,11 +56,11 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
 def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenance: dict,
                  barrier: Barrier) -> Session:
     """Create, join or resume the store; return where this process starts."""
-    path = Path(opts.out)
+    path = opts.out
     launch = run_id()
     group = None
     if split.creator:
-        if opts.resume and _has_store(path):
+        if opts.resume and has_store(path):
             group = _open_rw(path)
             info = ready_info(group)
             if info is None:  # killed while creating: nothing in it can be trusted
@@ -95,17 +94,10 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
     return session
 
 
-def _has_store(path: Path) -> bool:
-    return (path / "zarr.json").exists()
-
-
-def _open_rw(path: Path) -> zarr.Group:
-    if not _has_store(path):
-        raise StoreError(f"{path}: no store yet")
-    group = zarr.open_group(str(path), mode="r+")
-    if ATTR not in group.attrs:
-        raise StoreError(f"{path} is a Zarr group but not a gdn-dump store")
-    return group
+def _open_rw(out: str) -> zarr.Group:
+    if not has_store(out):
+        raise StoreError(f"{out}: no store yet")
+    return open_store(out, mode="r+")
 
 
 @contextlib.contextmanager

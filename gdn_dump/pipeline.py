@@ -5,6 +5,7 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import resource
 import time
@@ -22,6 +23,7 @@ from .catalogue import Catalogue
 from .coordinate import Session, fault, fingerprint, open_session, signals_as_exceptions
 from .errors import GdnDumpError, RunFailure, Terminated
 from .ledger import finalize, region_status, write_record
+from .location import locate
 from .models import (
     LoadedModel,
     load_config,
@@ -34,7 +36,18 @@ from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
-from .store import ATTR, COMPLETE, FAILED, WRITERS, RowWriter, check_out, compressors_for, open_store, provenance_base
+from .store import (
+    ATTR,
+    COMPLETE,
+    FAILED,
+    WRITERS,
+    RowWriter,
+    check_out,
+    compressors_for,
+    has_store,
+    open_store,
+    provenance_base,
+)
 from .workers import Barrier, WorkSplit, detect_split, split_regions
 
 TOKENIZE_BLOCK = 512
@@ -88,7 +101,7 @@ class ExtractOptions:
 @dataclass
 class ExtractResult:
     plan: Plan
-    out: Path
+    out: str
     seconds: float = 0.0
     tokens: int = 0
     prompts: int = 0
@@ -125,8 +138,10 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
     """
     reporter = reporter or Reporter()
     _validate(opts)
+    if opts.writer == "tensorstore" and not locate(opts.out).is_local:
+        opts = dataclasses.replace(opts, writer="zarr")  # TensorStore writes local files here
     split = detect_split(opts.shard)
-    fresh = split.creator and not (opts.resume and Path(opts.out, "zarr.json").exists())
+    fresh = split.creator and not (opts.resume and has_store(opts.out))
     if not opts.dry_run and fresh:
         check_out(opts.out, overwrite=opts.overwrite)
     with open_prompts(opts.prompts, text_field=opts.text_field) as source:
@@ -138,7 +153,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         else:
             config, tokenizer = model.config, model.tokenizer
         plan = plan_run(opts, Catalogue(config), tokenizer, source, split.count)
-        result = ExtractResult(plan=plan, out=Path(opts.out), model=model, split=split)
+        result = ExtractResult(plan=plan, out=opts.out, model=model, split=split)
         check_budget(plan, opts.max_attn_bytes)
         if opts.dry_run:
             return result
@@ -309,7 +324,8 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
     def record(resume_from: int, done: bool = False) -> None:  # on the writer thread
         write_record(session.group, session.region, {
             "prompts": [session.lo, hi], "rows": list(plan.region_rows(session.region)),
-            "resume_from": resume_from, "done": done, "tokens": result.tokens,
+            "resume_from": resume_from, "done": done,
+            "tokens": int(plan.prompt_lengths[session.lo:resume_from].sum()),
             "overflow": dict(result.overflow), "oom_retries": runner.retries,
             "seconds": round(time.perf_counter() - started, 3),
             "padding": round(_padding(real, padded), 4), "peak_rss": peak_rss(),
@@ -398,7 +414,9 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
         "truncated": plan.truncated,
         "n_rows": plan.n_rows,
         "batch_size": opts.batch_size,
-        "attention": {"layers": [a.layer for a in plan.attn_layers], "mode": opts.attn_mode,
+        "attention": {"layers": [a.layer for a in plan.attn_layers],
+                      "heads": {str(a.layer): list(a.heads) for a in plan.attn_layers},
+                      "mode": opts.attn_mode,
                       "method": opts.attn_method, "precision": opts.attn_precision}
         if plan.attn_layers else None,
         "max_batch_tokens": opts.max_batch_tokens,

@@ -8,7 +8,6 @@ longest chunk of a store is a multiple of every other: aligning work to it align
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,13 +209,12 @@ def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: 
 
 def check_free_space(out: str | Path, needed: int) -> None:
     """Refuse a run that cannot fit on the target disk (``--force`` skips this check)."""
-    path = Path(out).absolute()
-    while not path.exists():
-        path = path.parent
-    free = shutil.disk_usage(path).free
-    if needed > free:
+    from .location import locate
+
+    free = locate(out).free_bytes()
+    if free is not None and needed > free:
         raise GdnDumpError(
-            f"the store needs about {format_bytes(needed)} but {path} has {format_bytes(free)} "
+            f"the store needs about {format_bytes(needed)} but {out} has {format_bytes(free)} "
             "free; free space, write elsewhere, or pass --force"
         )
 

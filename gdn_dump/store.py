@@ -11,7 +11,6 @@ import collections
 import datetime as _dt
 import os
 import queue
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +21,7 @@ import zarr
 from . import __version__
 from .bfloat16 import storage_dtype
 from .errors import RunFailure, StoreError
+from .location import Location, locate
 from .plan import ArraySpec, Plan
 
 ATTR = "gdn_dump"
@@ -41,39 +41,43 @@ def compressors_for(name: str):
     raise StoreError(f"--compressor must be one of {', '.join(_COMPRESSORS)}, not {name!r}")
 
 
-def check_out(out: str | Path, *, overwrite: bool) -> Path:
+def check_out(out: str | Path, *, overwrite: bool) -> Location:
     """Refuse an existing ``--out`` unless ``--overwrite``; refuse a file or an unwritable place."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
+    loc = locate(out)
+    if loc.is_file():
         raise StoreError(f"--out {out} is an existing file, not a store; choose another path")
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if loc.exists() and not overwrite:
         raise StoreError(f"--out {out} already exists; pass --overwrite to replace it")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"--out {out}: {parent} is not writable")
-    return path
+    loc.check_writable()
+    return loc
+
+
+def has_store(out: str | Path) -> bool:
+    """Whether ``out`` holds a Zarr group (a run was at least started there)."""
+    loc = locate(out)
+    if loc.is_local:
+        return (loc.path / "zarr.json").exists()
+    return loc.fs.exists(f"{loc.url.rstrip('/')}/zarr.json")
 
 
 def create_store(out: str | Path, plan: Plan, provenance: dict, *, overwrite: bool = False,
                  compressor: str = "none", prompt_ids: Iterable[str] = ()) -> zarr.Group:
     """Create every array of ``plan`` and the prompt index; the store says ``in_progress``."""
-    path = check_out(out, overwrite=overwrite)
+    loc = check_out(out, overwrite=overwrite)
     compressors = compressors_for(compressor)
-    if path.exists():
-        shutil.rmtree(path)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    loc.remove()  # a bulk delete (zarr's own mode="w" clear deletes object by object on S3)
+    group = zarr.open_group(store=loc.zarr_store(), mode="w", zarr_format=3)
     group.attrs[ATTR] = {**provenance, "status": IN_PROGRESS}
     for spec in plan.arrays:
         _create_array(group, spec, compressors)
     n = plan.n_prompts
     for name, values in (("prompt_start", plan.prompt_starts), ("prompt_length", plan.prompt_lengths)):
         arr = group.create_array(name, shape=(n,), chunks=(_index_chunks(n),), dtype="int64",
-                                 dimension_names=["prompt"], compressors=compressors)
+                                 dimension_names=["prompt"], compressors=compressors,
+                                 config={"write_empty_chunks": True})
         arr[:] = values
     ids = group.create_array("prompt_id", shape=(n,), chunks=(_index_chunks(n),), dtype=str,
-                             dimension_names=["prompt"])
+                             dimension_names=["prompt"], config={"write_empty_chunks": True})
     _write_streamed(ids, prompt_ids, _index_chunks(n))
     return group
 
@@ -278,8 +282,8 @@ def _open_for_writing(group: zarr.Group, names: list[str], engine: str) -> dict:
     The arrays are always created by zarr-python (metadata, attributes, dimension names); only the
     chunk writes go through the engine, so both give byte-identical stores.
     """
-    if engine == "zarr":
-        return {name: group[name] for name in names}
+    if engine == "zarr" or not isinstance(group.store, zarr.storage.LocalStore):
+        return {name: group[name] for name in names}  # TensorStore here writes local files only
     if engine != "tensorstore":
         raise StoreError(f"--writer must be one of {', '.join(WRITERS)}, not {engine!r}")
     try:
@@ -334,11 +338,12 @@ class _ChunkBuffer:
 
 
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
+    """Open a gdn-dump store (a local directory or a URL such as ``s3://bucket/prefix``)."""
+    loc = locate(path)
+    if not has_store(path):
         raise StoreError(f"{path}: no such store")
     try:
-        group = zarr.open_group(str(path), mode=mode)
+        group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode=mode)
     except Exception as exc:
         raise StoreError(f"{path} is not a Zarr v3 store ({exc})") from exc
     if ATTR not in group.attrs:

@@ -25,7 +25,6 @@ INDEX_ARRAYS = ("prompt_start", "prompt_length", "prompt_id")
 SCALAR_SUFFIXES = {suffix for suffix, _, scalar in GDN_HOOKS.values() if scalar}
 REQUIRED = ("tool", "version", "model", "hooks", "storage_dtype", "prompts", "n_rows", "created", "status")
 BLOCK_ELEMENTS = 1 << 23  # read at once by the finite check (32 MiB of float32)
-SHOWN = 4  # problems listed per check
 
 
 @dataclass
@@ -39,7 +38,7 @@ def verify_store(path: str | Path | zarr.Group, allow_nonfinite: bool = False) -
     """Run every check on the store at ``path`` (StoreError if it is not a gdn-dump store), or on a
     group opened read-only by the caller (any zarr store: remote, in memory)."""
     group = path if isinstance(path, zarr.Group) else open_store(path, mode="r")
-    meta = dict(group.attrs[ATTR])
+    meta = dict(group.attrs.get(ATTR) or {})  # a group passed in may not be a gdn-dump store
     ctx = SimpleNamespace(group=group, meta=meta, arrays=dict(group.arrays()), starts=None,
                           lengths=None, layout_ok=False, expected=None, n_rows=int(meta.get("n_rows") or 0))
     with contextlib.suppress(Exception):  # if not, "arrays" and "layout" say why
@@ -66,8 +65,8 @@ def render(checks: list[Check]):
 
 
 def _result(problems: list[str], good: str):
-    more = f"; ... ({len(problems)} in all)" if len(problems) > SHOWN else ""
-    return (False, "; ".join(problems[:SHOWN]) + more) if problems else (True, good)
+    more = f"; ... ({len(problems)} in all)" if len(problems) > 4 else ""  # the first 4 are shown
+    return (False, "; ".join(problems[:4]) + more) if problems else (True, good)
 
 
 def _status(ctx):
@@ -246,9 +245,8 @@ def _diagonal_missing(ctx, arr: zarr.Array) -> tuple[int, int, tuple]:
     tiles = -(-np.minimum(ctx.lengths[:arr.shape[0]], arr.shape[2]) // uq)  # query tiles of each prompt
     prompt = np.repeat(np.arange(len(tiles)), tiles)
     t = np.arange(len(prompt)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
-    need = np.stack([np.repeat(prompt // up, grid[1]), np.tile(np.arange(grid[1]), len(prompt)),
-                     np.repeat(t, grid[1]), np.repeat(t * uq // uk, grid[1])])
-    need = np.unique(np.ravel_multi_index(need, grid))  # prompts sharing a shard count once
+    rows = (prompt // up)[:, None] * grid[1] + np.arange(grid[1])  # [tiles, heads]: raveled index
+    need = np.unique(((rows * grid[2] + t[:, None]) * grid[3] + (t * uq // uk)[:, None]).ravel())
     missing = need[~np.isin(need, np.ravel_multi_index(coords.T, grid))]
     first = np.unravel_index(missing[0], grid) if len(missing) else (0,) * 4
     return len(missing), len(need), tuple(int(i) for i in first)

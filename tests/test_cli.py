@@ -136,3 +136,24 @@ def test_shipped_configs_use_only_extract_options():
     for path in configs:
         for key in tomllib.loads(path.read_text()):
             assert key.replace("-", "_") in names, (path.name, key)
+
+
+def test_verify_and_finalize_commands(tiny, ragged_txt, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from gdn_dump.cli import app
+    from gdn_dump.pipeline import ExtractOptions, extract
+
+    out = tmp_path / "s.zarr"
+    extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="q,beta"), model=tiny)
+    runner = CliRunner()
+    good = runner.invoke(app, ["verify", str(out)])
+    assert good.exit_code == 0, good.output
+    assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0  # idempotent on a complete store
+    shutil.rmtree(out / "blocks.1.linear_attn.hook_q" / "c")
+    bad = runner.invoke(app, ["verify", str(out)])
+    assert bad.exit_code == 1 and "rows written" in bad.output
+    missing = runner.invoke(app, ["verify", str(tmp_path / "nope.zarr")])
+    assert missing.exit_code == 2 and "no such store" in missing.output
