@@ -1,6 +1,6 @@
 """Which --compressor: write the same real activations with none, zstd and blosc, side by side.
 
-Captures the default hooks of a random Qwen3.5 (the model of bench_extract.py) over a few batches,
+Captures the default hooks of a random Qwen3.5 (the model of bench.py) over a few batches,
 then writes them as gdn-dump's whole-chunk float16 arrays with each compressor, alternating in
 rounds, and prints write MB/s (of uncompressed bytes), CPU seconds and the compression ratio.
 
@@ -25,7 +25,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_extract  # noqa: E402
+import bench  # noqa: E402
 
 from gdn_dump.capture import Capture, pad_batch  # noqa: E402
 from gdn_dump.catalogue import Catalogue  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    _, model = bench_extract.build_model()
+    _, model = bench.build_model()
     hooks = Catalogue(model.config).select(None, None)
     capture = Capture(model.bridge, hooks, "float16", model.device)
     rng = np.random.default_rng(0)
