@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-
 import torch
+import zarr
 
 from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
 from .capture import Capture
@@ -36,19 +37,9 @@ from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
-from .store import (
-    ATTR,
-    COMPLETE,
-    FAILED,
-    WRITERS,
-    RowWriter,
-    check_out,
-    compressors_for,
-    has_store,
-    open_store,
-    provenance_base,
-)
+from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_store, provenance_base
 from .workers import Barrier, WorkSplit, detect_split, split_regions
+from .writer import WRITERS, RowWriter
 
 TOKENIZE_BLOCK = 512
 
@@ -321,7 +312,11 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
                        engine=opts.writer)
     checkpoints = [0]
 
+    local = isinstance(session.group.store, zarr.storage.LocalStore)
+
     def record(resume_from: int, done: bool = False) -> None:  # on the writer thread
+        if local:  # chunk files are written without fsync: make them durable before claiming them
+            os.sync()
         write_record(session.group, session.region, {
             "prompts": [session.lo, hi], "rows": list(plan.region_rows(session.region)),
             "resume_from": resume_from, "done": done,

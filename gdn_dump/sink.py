@@ -18,7 +18,7 @@ import numpy as np
 from .capture import CapturedBatch
 from .errors import RunFailure
 from .plan import Plan
-from .store import BackgroundWorker, RowWriter
+from .writer import BackgroundWorker, RowWriter
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,8 @@ def run_extract(model: LoadedModel, prompts: Path, out: Path, batch_size: int, d
 def run_writer_only(plan, out: Path, batch_rows: int) -> None:
     """gdn-dump's write path alone: the plan's store fed batch-sized blocks of rows (made once)
     through ``RowWriter`` (TensorStore engine), as the sink feeds it; no model."""
-    from gdn_dump.store import RowWriter, create_store
+    from gdn_dump.store import create_store
+    from gdn_dump.writer import RowWriter
 
     rng = np.random.default_rng(0)
     blocks = {a.name: rng.standard_normal((batch_rows, *a.shape[1:])).astype(a.dtype)

@@ -124,9 +124,6 @@ def test_shipped_configs_use_only_extract_options():
     import tomllib
     from pathlib import Path
 
-    from gdn_dump.cli import extract
-
-    import click
     import typer.main
 
     command = typer.main.get_command(app).commands["extract"]

@@ -8,7 +8,7 @@ import zarr
 
 from gdn_dump.errors import RunFailure
 from gdn_dump.plan import ArraySpec
-from gdn_dump.store import RowWriter
+from gdn_dump.writer import RowWriter
 
 
 def _group(tmp_path, n_rows, chunk):
