@@ -288,7 +288,7 @@ def hooks(
 
 @app.command()
 def inspect(
-    store: Path = typer.Argument(..., help="A store written by gdn-dump."),
+    store: str = typer.Argument(..., help="A store written by gdn-dump (a directory or s3://bucket/prefix)."),
     debug: bool = DebugOpt,
 ) -> None:
     """Print a store's arrays, shapes, dtypes, sizes on disk, provenance and completeness."""
@@ -323,7 +323,7 @@ def inspect(
 
 @app.command()
 def finalize(
-    store: Path = typer.Argument(..., help="A store whose regions are all written."),
+    store: str = typer.Argument(..., help="A store whose regions are all written (a directory or s3://bucket/prefix)."),
     debug: bool = DebugOpt,
 ) -> None:
     """Mark a store complete once every process's region is written (idempotent)."""
@@ -338,7 +338,7 @@ def finalize(
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="A store written by gdn-dump."),
+    store: str = typer.Argument(..., help="A store written by gdn-dump (a directory or s3://bucket/prefix)."),
     allow_nonfinite: bool = typer.Option(False, help="Report NaN/inf values without failing."),
     debug: bool = DebugOpt,
 ) -> None:

@@ -30,6 +30,12 @@ def test_extract_to_s3_reads_back_equal_to_a_local_store(tiny, ragged_txt, tmp_p
     assert remote.attrs["gdn_dump"]["status"] == "complete"
     assert remote.attrs["gdn_dump"]["writer"] == "zarr"  # TensorStore writes local files only
     assert sorted(local.array_keys()) == sorted(remote.array_keys())
+    from typer.testing import CliRunner
+
+    from gdn_dump.cli import app
+
+    checked = CliRunner().invoke(app, ["verify", s3_url])
+    assert checked.exit_code == 0, checked.output
     for name in local.array_keys():
         if name == "prompt_id":
             assert list(local[name][:]) == list(remote[name][:])
