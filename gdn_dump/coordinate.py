@@ -18,7 +18,7 @@ import zarr
 from .errors import StoreError, Terminated
 from .ledger import differences, mark_ready, read_record, ready_info, wait_ready
 from .plan import Plan
-from .store import ATTR, COMPLETE, check_out, create_store, has_store, open_store
+from .store import ATTR, COMPLETE, create_store, has_store, open_store
 from .workers import Barrier, WorkSplit, run_id
 
 
@@ -61,7 +61,7 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
     group = None
     if split.creator:
         if opts.resume and has_store(path):
-            group = _open_rw(path)
+            group = open_store(path, mode="r+")
             info = ready_info(group)
             if info is None:  # killed while creating: nothing in it can be trusted
                 group = None
@@ -71,7 +71,6 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
                     raise StoreError(f"--resume: {opts.out} was written with different settings; "
                                      f"{'; '.join(diff[:8])}")
         if group is None:
-            check_out(opts.out, overwrite=opts.overwrite or opts.resume)
             group = create_store(opts.out, plan, provenance, overwrite=opts.overwrite or opts.resume,
                                  compressor=opts.compressor, prompt_ids=(p.id for p in source))
             mark_ready(group, fp, plan.regions, launch)
@@ -79,7 +78,8 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
         barrier.wait()
     else:
         barrier.wait()
-        group = wait_ready(lambda: _open_rw(path), fp, launch, opts.wait_timeout, opts.resume)
+        group = wait_ready(lambda: open_store(path, mode="r+"), fp, launch, opts.wait_timeout,
+                           opts.resume)
     lo, hi = plan.regions[split.index]
     session = Session(group, split.index, lo, hi, lo,
                       store_complete=group.attrs[ATTR].get("status") == COMPLETE)
@@ -92,12 +92,6 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
         session.resume_from = int(record.get("resume_from", lo))
         session.region_done = bool(record.get("done"))
     return session
-
-
-def _open_rw(out: str) -> zarr.Group:
-    if not has_store(out):
-        raise StoreError(f"{out}: no store yet")
-    return open_store(out, mode="r+")
 
 
 @contextlib.contextmanager
