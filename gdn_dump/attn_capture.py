@@ -129,6 +129,9 @@ class AttentionCapture:
             self._kept[hook.name] = tensor
         return [(name, keep) for name in hooks_for(self.layers)]
 
+    def reset(self) -> None:
+        self._kept = {}
+
     def finish(self, lengths: list[int]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]]]:
         """Matrices ``[heads, n, n]`` per prompt of the batch, and residuals per GDN layer.
 

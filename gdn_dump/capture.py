@@ -117,6 +117,12 @@ class Capture:
             batch.ready.record(self.copy_stream)
         return batch
 
+    def reset(self) -> None:
+        """Drop a failed batch's state (its captured rows, index and overflow counts)."""
+        self._batch, self._index, self._overflow = None, None, []
+        if self.attention is not None:
+            self.attention.reset()
+
     def _hook_fn(self, spec: HookSpec):
         if spec.kind == ATTENTION_MATRIX:
             def keep_matrix(tensor: torch.Tensor, hook) -> None:

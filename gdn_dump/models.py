@@ -33,6 +33,7 @@ _MODELING_MODULES = (
     "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
     "transformers.models.qwen3_next.modeling_qwen3_next",
 )
+_REFERENCES: dict[tuple[str, str], object] = {}  # (modeling module, function) -> torch reference
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # The tiny model: every code path of a real Qwen3.5 (GQA with n_v = 2 n_k, conv kernel 4,
@@ -192,7 +193,10 @@ def select_kernels(device: torch.device, kernels: str = "auto") -> str:
             current = getattr(module, attr, None)
             if current is None:
                 continue
-            reference = getattr(current, "__wrapped__", current)
+            # The reference is taken once, from transformers' own function (its ``__wrapped__``
+            # skips the hub dispatch): once a fast kernel is bound, that kernel's ``__wrapped__``
+            # is its own undecorated body, not the reference.
+            reference = _REFERENCES.setdefault((module_name, attr), getattr(current, "__wrapped__", current))
             setattr(module, attr, fast if fast is not None else reference)
     if not use_fla:
         return "torch"

@@ -365,12 +365,12 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
     finally:
         reporter.finish()
         result.oom_retries = runner.retries
-        result.seconds += time.perf_counter() - started
     result.bytes_written = writer.bytes_written
     result.padding = _padding(real, padded)
     result.peak_held_bytes = sink.peak_held_bytes
     result.peak_rss = peak_rss()
     record(hi, done=True)
+    result.seconds += time.perf_counter() - started  # up to durable: the last record syncs
 
 
 def _flush_on_signal(sink: BatchSink, writer: RowWriter, record) -> None:

@@ -134,22 +134,24 @@ class HalvingRunner:
     def _run(self, kept: list[Item]) -> list[CapturedBatch]:
         if self.limit is not None and len(kept) > self.limit:
             return self._split(kept)
+        ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
         try:
-            ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
             return [self.capture.run(ids, lengths, [p for p, _ in kept])]
         except torch.OutOfMemoryError:
-            if self.capture.cuda:
-                torch.cuda.empty_cache()
-            if len(kept) == 1:
-                raise RunFailure(
-                    f"out of memory on a single prompt of {len(kept[0][1])} tokens; lower "
-                    "--max-length, select fewer layers, or use a larger device"
-                ) from None
-            self.limit = len(kept) // 2
-            self.retries += 1
-            self.note(f"out of memory on a batch of {len(kept)} prompts: retrying with "
-                      f"{self.limit} prompts per batch")
-            return self._split(kept)
+            pass  # retried below, outside the handler: its traceback holds the failed forward's tensors
+        self.capture.reset()
+        if self.capture.cuda:
+            torch.cuda.empty_cache()
+        if len(kept) == 1:
+            raise RunFailure(
+                f"out of memory on a single prompt of {len(kept[0][1])} tokens; lower "
+                "--max-length, select fewer layers, or use a larger device"
+            )
+        self.limit = len(kept) // 2
+        self.retries += 1
+        self.note(f"out of memory on a batch of {len(kept)} prompts: retrying with "
+                  f"{self.limit} prompts per batch")
+        return self._split(kept)
 
     def _split(self, kept: list[Item]) -> list[CapturedBatch]:
         middle = len(kept) // 2

@@ -55,7 +55,10 @@ def make_hooks(B, T, Hk, Hv, *, dtype=torch.float32, seed=0, g_spread=1.0):
 
 
 def hf_recurrence(q, k, v, beta, g):
-    """transformers' reference (it GQA-expands q/k itself and always computes in float32)."""
+    """transformers' reference (always in float32). q/k are GQA-expanded here as the model does
+    (newer transformers also expand inside the function; older ones expect it done)."""
+    groups = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
     out, state = torch_recurrent_gated_delta_rule(
         q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=True
     )

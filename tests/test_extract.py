@@ -232,6 +232,31 @@ def test_xarray_opens_the_store_with_named_dimensions(tiny, ragged_txt, tmp_path
     assert list(ds["prompt_id"].values) == ["0", "1", "2", "4", "5", "6"]
 
 
+def test_a_batch_that_ran_out_of_memory_is_freed_before_the_retry(tiny, ragged_txt, tmp_path, monkeypatch):
+    """The retry must not run inside the ``except`` block: the exception's traceback keeps the failed
+    forward's frames, and with them its activations, alive (found on an H100: every halving ran out
+    of memory again, down to a single prompt)."""
+    import weakref
+
+    from gdn_dump.capture import Capture
+
+    real_run = Capture.run
+    failed = []
+
+    def small_memory(self, input_ids, lengths, *args):
+        if failed:
+            assert failed[-1]() is None, "the failed forward's tensors are alive during the retry"
+        if len(lengths) > 2:
+            activations = torch.empty(1 << 16)  # held by the failing frame, as a forward's are
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(self, input_ids, lengths, *args)
+
+    monkeypatch.setattr(Capture, "run", small_memory)
+    result = _run(tiny, ragged_txt, tmp_path / "s.zarr", hooks="beta", batch_size=6)
+    assert failed and result.oom_retries >= 1
+
+
 def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_txt, tmp_path, monkeypatch):
     from gdn_dump.capture import Capture
     from gdn_dump.pipeline import Reporter

@@ -90,3 +90,22 @@ def test_hooked_bridge_forward_equals_hf_forward_with_the_active_kernels(device)
     batch = capture.run(ids.cpu(), [ids.shape[1]])  # and the capture path itself fires every hook
     batch.wait()
     assert set(batch.rows) == {h.name for h in hooks}
+
+
+def test_select_kernels_binds_the_torch_reference_again_after_a_fast_kernel(monkeypatch):
+    """A fast kernel's ``__wrapped__`` is its own body (fla's are decorated), so asking for
+    ``torch`` after ``fla`` must bind the reference remembered from transformers, not unwrap it."""
+    import functools
+
+    import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
+
+    select_kernels(torch.device("cpu"), "torch")
+    reference = modeling.torch_chunk_gated_delta_rule
+
+    def fast_body(*args, **kwargs):
+        raise AssertionError("not the reference")
+
+    fast = functools.wraps(fast_body)(lambda *args, **kwargs: fast_body(*args, **kwargs))
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", fast)  # as a bound fla kernel
+    assert select_kernels(torch.device("cpu"), "torch") == "torch"
+    assert modeling.torch_chunk_gated_delta_rule is reference
