@@ -13,6 +13,7 @@ the forward of the batch goes on while its hooks' rows are copied, and :meth:`Ca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from .catalogue import ATTENTION_MATRIX, MODEL, HookSpec
 from .errors import RunFailure
 from .plan import SCALAR_DTYPE
 
+OVERFLOW, NONFINITE = "overflow", "nonfinite"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -36,8 +38,8 @@ class CapturedBatch:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]
     dtypes: dict[str, str] = field(default_factory=dict)
     matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> [H, L, L] each
-    overflow_names: list[str] = field(default_factory=list)
-    overflow_counts: torch.Tensor | None = None  # host, aligned with overflow_names
+    count_keys: list[tuple[str, str]] = field(default_factory=list)  # (OVERFLOW | NONFINITE, hook)
+    count_values: torch.Tensor | None = None  # host, aligned with count_keys
     ready: torch.cuda.Event | None = None
     residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per prompt
     empty: list[int] = field(default_factory=list)  # prompts without tokens, riding along
@@ -51,11 +53,13 @@ class CapturedBatch:
         for name, tensor in self.rows.items():
             yield name, to_storage_numpy(tensor, self.dtypes[name])
 
-    def overflow(self) -> dict[str, int]:
-        if self.overflow_counts is None:
+    def counts(self, kind: str) -> dict[str, int]:
+        """Non-zero counts of ``kind`` per hook, after :meth:`wait`: ``OVERFLOW`` (finite values
+        that became inf when cast to float16) or ``NONFINITE`` (NaN/inf the model produced)."""
+        if self.count_values is None:
             return {}
-        counts = self.overflow_counts.tolist()
-        return {name: int(n) for name, n in zip(self.overflow_names, counts) if n}
+        values = self.count_values.tolist()
+        return {name: int(n) for (k, name), n in zip(self.count_keys, values) if k == kind and n}
 
 
 class Capture:
@@ -78,7 +82,7 @@ class Capture:
         self._index: torch.Tensor | None = None
         self._lengths: list[int] = []
         self._batch: CapturedBatch | None = None
-        self._overflow: list[tuple[str, torch.Tensor]] = []
+        self._counts: list[tuple[tuple[str, str], torch.Tensor]] = []
 
     def run(self, input_ids: torch.Tensor, lengths: list[int],
             prompts: list[int] | None = None) -> CapturedBatch:
@@ -94,7 +98,7 @@ class Capture:
         tokens = input_ids.reshape(-1)[torch.as_tensor(flat)].to(torch.int32).numpy()
         self._batch = CapturedBatch(list(range(batch_size)) if prompts is None else list(prompts),
                                     list(lengths), tokens, dtypes=self.dtypes)
-        self._overflow = []
+        self._counts = []
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
                         return_type=None, stop_at_layer=self.stop_at_layer)
@@ -111,7 +115,7 @@ class Capture:
             except KeyError as exc:
                 raise RunFailure(f"hook {exc} did not fire; the attention matrices need it") from None
             batch.matrices.update(matrices)
-        self._finish_overflow(batch)
+        self._finish_counts(batch)
         if self.cuda:
             batch.ready = torch.cuda.Event()
             batch.ready.record(self.copy_stream)
@@ -119,7 +123,7 @@ class Capture:
 
     def reset(self) -> None:
         """Drop a failed batch's state (its captured rows, index and overflow counts)."""
-        self._batch, self._index, self._overflow = None, None, []
+        self._batch, self._index, self._counts = None, None, []
         if self.attention is not None:
             self.attention.reset()
 
@@ -132,32 +136,33 @@ class Capture:
             return keep_matrix
 
         dtype = _TORCH_DTYPES[self.dtypes[spec.name]]
-        check_overflow = dtype == torch.float16
 
         def keep_rows(tensor: torch.Tensor, hook) -> None:
             rows = tensor.reshape(-1, *tensor.shape[2:])
             if self._index is not None:
                 rows = rows.index_select(0, self._index)
             cast = rows.to(dtype)
-            if check_overflow and rows.dtype != dtype:
-                self._check_overflow(spec.name, rows, cast)
+            self._count_values(spec.name, rows, cast)
             self._batch.rows[spec.name] = self._to_host(cast)
         return keep_rows
 
-    def _check_overflow(self, name: str, rows: torch.Tensor, cast: torch.Tensor) -> None:
-        """Count values finite before narrowing and infinite after it (float16 overflow).
+    def _count_values(self, name: str, rows: torch.Tensor, cast: torch.Tensor) -> None:
+        """Count NaN/inf the model produced, and values finite before a float16 cast and inf after.
 
-        On CUDA the count stays on the device (no sync); on the CPU one min/max pass over the
-        source rules out overflow for nearly every batch before the full count is needed.
+        On CUDA the counts stay on the device (no sync). On the CPU one min/max pass over the rows
+        (NaN propagates through it) rules out both for nearly every batch before a full count.
         """
+        narrowing = cast.dtype == torch.float16 and rows.dtype != torch.float16
         if not self.cuda:
             if not rows.numel():
                 return
-            low, high = torch.aminmax(rows)
-            limit = torch.finfo(cast.dtype).max
-            if -limit <= float(low) and float(high) <= limit:
+            low, high = (float(x) for x in torch.aminmax(rows))
+            limit = float(torch.finfo(cast.dtype).max) if narrowing else math.inf
+            if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
                 return
-        self._overflow.append((name, (torch.isinf(cast) & torch.isfinite(rows)).sum()))
+        self._counts.append(((NONFINITE, name), (~torch.isfinite(rows)).sum()))
+        if narrowing:
+            self._counts.append(((OVERFLOW, name), (torch.isinf(cast) & torch.isfinite(rows)).sum()))
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -169,12 +174,12 @@ class Capture:
         tensor.record_stream(self.copy_stream)  # keep the device memory until the copy is done
         return host
 
-    def _finish_overflow(self, batch: CapturedBatch) -> None:
-        if not self._overflow:
+    def _finish_counts(self, batch: CapturedBatch) -> None:
+        if not self._counts:
             return
-        batch.overflow_names = [name for name, _ in self._overflow]
-        counts = torch.stack([count for _, count in self._overflow])
-        batch.overflow_counts = self._to_host(counts) if self.cuda else counts
+        batch.count_keys = [key for key, _ in self._counts]
+        counts = torch.stack([count for _, count in self._counts])
+        batch.count_values = self._to_host(counts) if self.cuda else counts
 
 
 def _stop_layer(hooks: list[HookSpec], extra_layers: list[int] = ()) -> int | None:

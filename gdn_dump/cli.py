@@ -11,6 +11,7 @@ from typing import Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import GdnDumpError, Terminated
@@ -53,7 +54,8 @@ def _fail(exc: BaseException, debug: bool) -> None:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not isinstance(exc, GdnDumpError):
         message = f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-    _console(stderr=True).print(f"[red]gdn-dump: error:[/] {message}", highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"[red]gdn-dump: error:[/] {escape(message)}", highlight=False,
+                                soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -81,7 +83,10 @@ RemoteCodeOpt = typer.Option(False, help="Allow the checkpoint's own Python code
 PickleOpt = typer.Option(False, help="Allow non-safetensors (pickle) weight files.")
 KernelsOpt = typer.Option("auto", help="GDN kernels: auto (fla on CUDA when installed, else torch), torch, fla.")
 TextFieldOpt = typer.Option("text", help="jsonl field that holds the prompt.")
-MaxLengthOpt = typer.Option(None, help="Truncate prompts to this many tokens (counted and recorded).")
+MaxLengthOpt = typer.Option(None, help="Longest prompt in tokens; longer ones are handled by --on-long (counted and recorded).")
+OnLongOpt = typer.Option("truncate", help="A prompt over --max-length: truncate it, skip it (stored with no tokens), or error (before anything is written).")
+EncodingErrorsOpt = typer.Option("strict", help="Invalid UTF-8 in the prompt file: strict (stop, naming the line) or replace (U+FFFD; lines counted and recorded).")
+FailNonfiniteOpt = typer.Option(False, help="Stop the run at the first batch with NaN/inf in a stored hook (they are always counted per array).")
 MaxBatchTokensOpt = typer.Option(None, help="Most padded tokens per batch.")
 ShardOpt = typer.Option(None, help="This process's share of the prompts, I/N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); under torchrun RANK/WORLD_SIZE are used without it.")
 ResumeOpt = typer.Option(False, help="Continue the run recorded in --out (killed, preempted); start it if there is none. Refused if the settings differ.")
@@ -121,6 +126,9 @@ def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log:
     if opts.dry_run:
         _console().print(plan_table(result.plan, title=f"plan for {opts.out} (dry run: nothing written)"))
         return
+    for name, count in result.nonfinite.items():
+        err.print(f"[yellow]warning:[/] {count:,} NaN/inf values in {name} (from the model, stored "
+                  "as they are); --fail-on-nonfinite stops at the first")
     for name, count in result.overflow.items():
         err.print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf when cast to "
                   f"{result.plan.storage_dtype}; use --dtype float32")
@@ -165,6 +173,9 @@ def extract(
     kernels: str = KernelsOpt,
     text_field: str = TextFieldOpt,
     max_length: Optional[int] = MaxLengthOpt,
+    on_long: str = OnLongOpt,
+    encoding_errors: str = EncodingErrorsOpt,
+    fail_on_nonfinite: bool = FailNonfiniteOpt,
     batch_size: int = typer.Option(8, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
     sort_window: str = SortWindowOpt,
@@ -195,7 +206,8 @@ def extract(
         model=model, prompts=prompts, out=out, hooks=hooks, layers=layers, revision=revision,
         device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
-        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        max_length=max_length, on_long=on_long, encoding_errors=encoding_errors,
+        fail_on_nonfinite=fail_on_nonfinite, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
         sort_window_bytes=window, shard=shard, resume=resume, wait_timeout=wait_timeout,
         checkpoint_every=checkpoint_every, dtype=dtype,
         chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, compressor=compressor, writer=writer,
@@ -228,6 +240,9 @@ def attn_matrix(
     kernels: str = KernelsOpt,
     text_field: str = TextFieldOpt,
     max_length: Optional[int] = MaxLengthOpt,
+    on_long: str = OnLongOpt,
+    encoding_errors: str = EncodingErrorsOpt,
+    fail_on_nonfinite: bool = FailNonfiniteOpt,
     batch_size: int = typer.Option(1, help="Prompts per batch."),
     max_batch_tokens: Optional[int] = MaxBatchTokensOpt,
     sort_window: str = SortWindowOpt,
@@ -254,7 +269,8 @@ def attn_matrix(
         model=model, prompts=prompts, out=out, hooks="", revision=revision, device=device,
         model_dtype=model_dtype, trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
-        max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        max_length=max_length, on_long=on_long, encoding_errors=encoding_errors,
+        fail_on_nonfinite=fail_on_nonfinite, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
         sort_window_bytes=window, shard=shard, resume=resume, wait_timeout=wait_timeout,
         checkpoint_every=checkpoint_every, overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
         attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=budget,
@@ -317,7 +333,11 @@ def inspect(
     _console().print(f"model: {model.get('name')} ({model.get('dtype')}, {model.get('device')}, "
                       f"kernels: {model.get('kernel_backend')})")
     _console().print(f"prompts: {json.dumps(meta.get('prompts'))}")
-    _console().print(f"storage dtype: {meta.get('storage_dtype')}, truncated: {meta.get('truncated')}")
+    _console().print(f"storage dtype: {meta.get('storage_dtype')}, max length: {meta.get('max_length')}, "
+                      f"truncated: {meta.get('truncated')}, skipped: {meta.get('skipped_long', 0)}")
+    for key, what in (("nonfinite", "NaN/inf values"), ("overflow", "float16 overflow")):
+        for name, count in (meta.get(key) or {}).items():
+            _console().print(f"[red]{what} in {name}: {count:,}[/]")
     _console().print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
 
 

@@ -134,10 +134,7 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
         raise RunFailure(f"{len(pending)} region(s) not finished: {listed}; run those processes "
                          "(with --resume) first")
     done = [r for r in records if r]
-    overflow: dict[str, int] = {}
-    for record in done:
-        for name, count in (record.get("overflow") or {}).items():
-            overflow[name] = overflow.get(name, 0) + count
+    overflow, nonfinite = _summed(done, "overflow"), _summed(done, "nonfinite")
     failures = []
     for name, arr in group.arrays():
         if not name.endswith("attn_residual"):
@@ -150,7 +147,7 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
         if worst > residual_limit:
             failures.append(f"{matrix.basename}: ||M V - o|| / ||o|| = {worst:.2e}")
     common: dict[str, Any] = dict(
-        finished=now_iso(), overflow=overflow,
+        finished=now_iso(), overflow=overflow, nonfinite=nonfinite,
         seconds=round(max((r.get("seconds", 0.0) for r in done), default=0.0), 3),
         oom_retries=sum(r.get("oom_retries", 0) for r in done),
         peak_rss_bytes=max((r.get("peak_rss", 0) for r in done), default=0),
@@ -163,3 +160,12 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
         return FAILED
     set_status(group, COMPLETE, **common)
     return COMPLETE
+
+
+def _summed(records: list[dict], key: str) -> dict[str, int]:
+    """Per-array counts (``overflow``, ``nonfinite``) summed over the regions' records."""
+    total: dict[str, int] = {}
+    for record in records:
+        for name, count in (record.get(key) or {}).items():
+            total[name] = total.get(name, 0) + count
+    return total

@@ -42,6 +42,7 @@ from .workers import Barrier, WorkSplit, detect_split, split_regions
 from .writer import WRITERS, RowWriter
 
 TOKENIZE_BLOCK = 512
+ON_LONG = ("truncate", "skip", "error")
 
 
 @dataclass
@@ -60,7 +61,9 @@ class ExtractOptions:
     allow_pickle_weights: bool = False
     kernels: str = "auto"
     text_field: str = "text"
+    encoding_errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD, lines counted
     max_length: int | None = None
+    on_long: str = "truncate"  # a prompt over max_length: truncate, skip (no tokens) or error
     batch_size: int = 8
     max_batch_tokens: int | None = None
     # Prompts run longest first within windows of this many bytes of rows (0: file order); the
@@ -87,6 +90,7 @@ class ExtractOptions:
     resume: bool = False  # continue from the store's progress ledger (or start if there is none)
     wait_timeout: float = 600.0  # seconds a process waits for process 0 to create the store
     checkpoint_every: float = 60.0  # seconds between progress records (at unit boundaries)
+    fail_on_nonfinite: bool = False  # stop at the first batch with NaN/inf in a hook
 
 
 @dataclass
@@ -97,9 +101,11 @@ class ExtractResult:
     tokens: int = 0
     prompts: int = 0
     bytes_written: int = 0
-    overflow: dict[str, int] = field(default_factory=dict)
+    overflow: dict[str, int] = field(default_factory=dict)  # finite values cast to inf, per array
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf from the model, per array
     residuals: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # max, sum, n
     oom_retries: int = 0
+    replaced_lines: int = 0  # prompt lines with invalid UTF-8 read with U+FFFD (--encoding-errors)
     padding: float = 0.0  # share of padded positions in the batches run
     peak_held_bytes: int = 0  # rows held for reordering, at most
     peak_rss: int = 0
@@ -135,7 +141,8 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
     fresh = split.creator and not (opts.resume and has_store(opts.out))
     if not opts.dry_run and fresh:
         check_out(opts.out, overwrite=opts.overwrite)
-    with open_prompts(opts.prompts, text_field=opts.text_field) as source:
+    with open_prompts(opts.prompts, text_field=opts.text_field,
+                      encoding_errors=opts.encoding_errors) as source:
         if model is None:
             config = load_config(opts.model, revision=opts.revision,
                                  trust_remote_code=opts.trust_remote_code)
@@ -144,7 +151,8 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         else:
             config, tokenizer = model.config, model.tokenizer
         plan = plan_run(opts, Catalogue(config), tokenizer, source, split.count)
-        result = ExtractResult(plan=plan, out=opts.out, model=model, split=split)
+        result = ExtractResult(plan=plan, out=opts.out, model=model, split=split,
+                               replaced_lines=source.replaced_lines)
         check_budget(plan, opts.max_attn_bytes)
         if opts.dry_run:
             return result
@@ -213,6 +221,10 @@ def _validate(opts: ExtractOptions) -> None:
         raise GdnDumpError(f"--sort-window must be 0 (off) or a size, not {opts.sort_window_bytes}")
     if opts.max_length is not None and opts.max_length < 1:
         raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
+    if opts.on_long not in ON_LONG:
+        raise GdnDumpError(f"--on-long must be one of {', '.join(ON_LONG)}, not {opts.on_long!r}")
+    if opts.on_long != "truncate" and opts.max_length is None:
+        raise GdnDumpError(f"--on-long {opts.on_long} needs --max-length (the length that is too long)")
 
 
 def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
@@ -223,13 +235,23 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
                    if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
     lengths = np.empty(source.count, dtype=np.int64)
-    truncated = 0
-    for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length):
+    raw = np.empty(source.count, dtype=np.int64)
+    for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length,
+                                                             opts.on_long):
         lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
-        truncated += sum(raw > len(t) for raw, t in zip(raw_lengths, token_lists))
+        raw[start:start + len(token_lists)] = raw_lengths
+    long = raw > opts.max_length if opts.max_length is not None else np.zeros(len(raw), bool)
+    if opts.on_long == "error" and long.any():
+        first = int(np.argmax(long))
+        raise GdnDumpError(
+            f"{source.display}: prompt {_describe(source, first)} has {int(raw[first])} tokens, over "
+            f"--max-length {opts.max_length} ({int(long.sum())} prompt(s) in all); pass --on-long "
+            "truncate or skip to go on"
+        )
+    truncated, skipped = (int(long.sum()), 0) if opts.on_long == "truncate" else (0, int(long.sum()))
     layout = dict(storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
                   shard_tokens=opts.shard_tokens, max_length=opts.max_length, truncated=truncated,
-                  attn_layers=attn_layers, attn_mode=opts.attn_mode)
+                  skipped=skipped, attn_layers=attn_layers, attn_mode=opts.attn_mode)
     plan = make_plan(hooks, lengths, **layout)
     if processes == 1:
         return plan
@@ -246,49 +268,64 @@ def plan_units(opts: ExtractOptions, plan: Plan, items=None):
                  plan.prompt_chunk)
 
 
-def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None):
+def _describe(source, index: int) -> str:
+    """``3 (line 4, id 'x')``: where a prompt is, for error messages."""
+    for prompt in source:
+        if prompt.index == index:
+            return f"{index} (line {prompt.line}, id {prompt.id!r})"
+    return str(index)
+
+
+def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None, on_long: str = "truncate"):
     """Yield ``(first_index, token_lists, untruncated_lengths)`` for blocks of prompts."""
     block: list[str] = []
     start = 0
     for prompt in source:
         block.append(prompt.text)
         if len(block) == TOKENIZE_BLOCK:
-            yield start, *_tokenize(tokenizer, block, max_length)
+            yield start, *_tokenize(tokenizer, block, max_length, on_long)
             start += len(block)
             block = []
     if block:
-        yield start, *_tokenize(tokenizer, block, max_length)
+        yield start, *_tokenize(tokenizer, block, max_length, on_long)
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int | None):
+def _tokenize(tokenizer, texts: list[str], max_length: int | None, on_long: str = "truncate"):
+    """Token ids of ``texts`` (a long one cut to ``max_length``, or empty with ``skip``) and
+    their untruncated lengths."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     raw = [len(t) for t in ids]
     if max_length is not None:
-        ids = [t[:max_length] for t in ids]
+        ids = [t[:max_length] if len(t) <= max_length or on_long == "truncate" else [] for t in ids]
     return ids, raw
 
 
 def tokenized(source: Iterable, tokenizer, max_length: int | None, lengths: np.ndarray,
-              lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Sequence[int]]]:
+              lo: int = 0, hi: int | None = None,
+              on_long: str = "truncate") -> Iterator[tuple[int, Sequence[int]]]:
     """``(prompt_index, token_ids)`` for every prompt in file order; prompts outside
     ``[lo, hi)`` are not tokenised (``range(length)`` stands in: batching needs only lengths)."""
     hi = len(lengths) if hi is None else hi
     block: list[str] = []
     first = lo
+
+    def ids(texts):
+        return enumerate(_tokenize(tokenizer, texts, max_length, on_long)[0], first)
+
     for index, prompt in enumerate(source):
         if index < lo or index >= hi:
             if block:  # leaving the range: tokenise what was gathered
-                yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
+                yield from ids(block)
                 block = []
             yield index, range(int(lengths[index]))
             continue
         block.append(prompt.text)
         if len(block) == TOKENIZE_BLOCK:
-            yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
+            yield from ids(block)
             first += len(block)
             block = []
     if block:
-        yield from enumerate(_tokenize(tokenizer, block, max_length)[0], first)
+        yield from ids(block)
 
 
 def window_tokens(opts: ExtractOptions, plan: Plan) -> int | None:
@@ -321,7 +358,8 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
             "prompts": [session.lo, hi], "rows": list(plan.region_rows(session.region)),
             "resume_from": resume_from, "done": done,
             "tokens": int(plan.prompt_lengths[session.lo:resume_from].sum()),
-            "overflow": dict(result.overflow), "oom_retries": runner.retries,
+            "overflow": dict(result.overflow), "nonfinite": dict(result.nonfinite),
+            "oom_retries": runner.retries,
             "seconds": round(time.perf_counter() - started, 3),
             "padding": round(_padding(real, padded), 4), "peak_rss": peak_rss(),
         })
@@ -329,13 +367,14 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
         fault(f"after-checkpoint:{checkpoints[0]}")
 
     sink = BatchSink(writer, plan, result, start_prompt=first, checkpoint=record,
-                     checkpoint_every=opts.checkpoint_every)
+                     checkpoint_every=opts.checkpoint_every, fail_on_nonfinite=opts.fail_on_nonfinite)
     runner = HalvingRunner(capture, pad_id, reporter.note)
     todo = plan.prompt_starts[hi - 1] + plan.prompt_lengths[hi - 1] - start_row if hi > first else 0
     reporter.start(hi - first, int(todo))
     started = time.perf_counter()
     real = padded = 0
-    items = tokenized(source, model.tokenizer, opts.max_length, plan.prompt_lengths, first, hi)
+    items = tokenized(source, model.tokenizer, opts.max_length, plan.prompt_lengths, first, hi,
+                      opts.on_long)
     try:
         for unit in plan_units(opts, plan, items):
             unit_lo = min(p for batch in unit for p, _ in batch)
@@ -404,9 +443,13 @@ def _provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
         "compressor": opts.compressor,
         "writer": opts.writer,
         "prompts": {"path": str(source.display), "sha256": source.sha256, "count": source.count,
-                    "format": source.format, "text_field": opts.text_field},
+                    "format": source.format, "text_field": opts.text_field,
+                    "encoding_errors": opts.encoding_errors, "replaced_lines": source.replaced_lines},
         "max_length": opts.max_length,
+        "on_long": opts.on_long,
         "truncated": plan.truncated,
+        "skipped_long": plan.skipped,
+        "fail_on_nonfinite": opts.fail_on_nonfinite,
         "n_rows": plan.n_rows,
         "batch_size": opts.batch_size,
         "attention": {"layers": [a.layer for a in plan.attn_layers],

@@ -72,6 +72,7 @@ class Plan:
     attn_layers: list = field(default_factory=list)  # AttnLayer, see attn_capture
     attn_mode: str = "exact"
     regions: list[tuple[int, int]] = field(default_factory=list)  # prompts [lo, hi) per process
+    skipped: int = 0  # prompts over max_length stored without tokens (--on-long skip)
 
     def region_rows(self, region: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` owned by ``region`` (its first row is chunk aligned)."""
@@ -118,6 +119,7 @@ def make_plan(
     chunk_tokens: int | None = None,
     max_length: int | None = None,
     truncated: int = 0,
+    skipped: int = 0,
     target_chunk_bytes: int = TARGET_CHUNK_BYTES,
     attn_layers: list | tuple = (),
     attn_mode: str = "exact",
@@ -181,7 +183,7 @@ def make_plan(
                                     attrs={"meaning": "||M V - recurrence_out|| / ||recurrence_out||"},
                                     stream="prompt"))
     return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
-                list(attn_layers), attn_mode, regions)
+                list(attn_layers), attn_mode, regions, skipped)
 
 
 def _region_layout(lengths: np.ndarray, regions: list[tuple[int, int]], align: int

@@ -66,7 +66,9 @@ def plan_table(plan: Plan, title: str = "plan") -> Table:
                      + (f" (attention matrices: {format_bytes(plan.matrix_bytes)}, only tiles on or "
                         "below the diagonal written)" if plan.matrix_bytes else "")
                      + (f", {plan.truncated} prompts truncated to {plan.max_length} tokens"
-                        if plan.truncated else ""))
+                        if plan.truncated else "")
+                     + (f", {plan.skipped} prompts over {plan.max_length} tokens skipped"
+                        if plan.skipped else ""))
     return table
 
 
@@ -85,11 +87,16 @@ def summary_table(result: ExtractResult) -> Table:
         ("tokens/s", f"{rate:,.0f}"),
         ("MB/s written", f"{mbps:,.1f}"),
         ("truncated prompts", str(result.plan.truncated)),
+        *([("skipped prompts (over --max-length)", str(result.plan.skipped))] if result.plan.skipped else []),
+        *([("lines with invalid UTF-8 (replaced)", str(result.replaced_lines))] if result.replaced_lines else []),
+        *([("out-of-memory retries", str(result.oom_retries))] if result.oom_retries else []),
         ("padding in batches", f"{result.padding:.1%}"),
         ("rows held for reordering (peak)", format_bytes(result.peak_held_bytes)),
         ("peak resident memory", format_bytes(result.peak_rss)),
     ):
         table.add_row(what, value)
+    for name, count in result.nonfinite.items():
+        table.add_row(f"[red]NaN/inf in {name}", f"{count:,} values")
     for name, count in result.overflow.items():
         table.add_row(f"[red]overflow in {name}", f"{count:,} values")
     for name, (worst, total, n) in sorted(result.residuals.items()):

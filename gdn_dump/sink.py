@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .capture import CapturedBatch
+from .capture import NONFINITE, OVERFLOW, CapturedBatch
 from .errors import RunFailure
 from .plan import Plan
 from .writer import BackgroundWorker, RowWriter
@@ -52,13 +52,15 @@ class BatchSink(BackgroundWorker):
     """
 
     def __init__(self, writer: RowWriter, plan: Plan, result, start_prompt: int = 0,
-                 max_batches: int = 2, checkpoint=None, checkpoint_every: float = 60.0):
+                 max_batches: int = 2, checkpoint=None, checkpoint_every: float = 60.0,
+                 fail_on_nonfinite: bool = False):
         self.writer = writer
         # checkpoint(prompt) runs on the writer thread once every row before ``prompt`` is durable
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.last_unit_end = start_prompt  # the latest unit boundary handed to the writer
         self._last_checkpoint = time.monotonic()
-        self.result = result  # an ExtractResult: overflow and residual statistics go there
+        self.result = result  # an ExtractResult: value counts and residual statistics go there
+        self.fail_on_nonfinite = fail_on_nonfinite
         self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
         self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
         residuals = {a.name for a in plan.arrays if a.stream == "prompt"}
@@ -76,6 +78,7 @@ class BatchSink(BackgroundWorker):
             self._unit_end(batch.prompt)
             return
         batch.wait()
+        self._tally(batch)  # before any of its rows are written: --fail-on-nonfinite stops here
         rows = {"tokens": batch.tokens, **dict(batch.numpy_rows())}
         held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts))
         self.held_bytes += held.nbytes
@@ -89,7 +92,6 @@ class BatchSink(BackgroundWorker):
         for name, matrices in batch.matrices.items():  # regions: written in any order
             for prompt, matrix in zip(batch.prompts, matrices):
                 self.writer.write_matrix(name, prompt, matrix, self.tiles[name])
-        self._tally(batch)
         self._hand_on()
 
     def _hand_on(self) -> None:
@@ -130,8 +132,16 @@ class BatchSink(BackgroundWorker):
             worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
             self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
                                            count + len(values))
-        for name, count in batch.overflow().items():
-            self.result.overflow[name] = self.result.overflow.get(name, 0) + count
+        for kind, totals in ((OVERFLOW, self.result.overflow), (NONFINITE, self.result.nonfinite)):
+            for name, count in batch.counts(kind).items():
+                totals[name] = totals.get(name, 0) + count
+        nonfinite = batch.counts(NONFINITE)
+        if self.fail_on_nonfinite and nonfinite:
+            name, count = next(iter(nonfinite.items()))
+            listed = ", ".join(map(str, batch.prompts[:8])) + (" ..." if len(batch.prompts) > 8 else "")
+            raise RunFailure(f"{count:,} NaN/inf values in {name} (batch of prompts {listed}"
+                             f"{f'; {len(nonfinite) - 1} more arrays' if len(nonfinite) > 1 else ''}):"
+                             " stopped by --fail-on-nonfinite; the store stays in_progress")
 
     def close(self, end_prompt: int | None = None, strict: bool = True) -> None:
         """Wait for every batch; check that every prompt up to ``end_prompt`` was handed on
