@@ -117,9 +117,19 @@ def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log:
         result = run_extract(opts, None if quiet else RichReporter(err))
         written = _draw(opts, result, png, png_log, png_max_prompts) if png and not opts.dry_run else []
     except (KeyboardInterrupt, Terminated) as exc:
+        from .store import has_store
+
         code = getattr(exc, "exit_code", 130)
-        err.print(f"gdn-dump: {'terminated' if code == 143 else 'interrupted'}; what was captured "
-                  f"is written and {opts.out} stays in_progress: rerun with --resume to continue")
+        what = "terminated" if code == 143 else "interrupted"
+        try:
+            started = not opts.dry_run and has_store(opts.out)
+        except Exception:  # an unreachable remote store: say what would be true if it was made
+            started = True
+        if not started:
+            err.print(f"gdn-dump: {what} before the store was created; nothing was written")
+        else:
+            err.print(f"gdn-dump: {what}; what was captured is written and {opts.out} stays "
+                      "in_progress: rerun with --resume to continue")
         raise typer.Exit(code) from None
     except Exception as exc:  # one line, never a traceback (unless --debug)
         _fail(exc, debug)

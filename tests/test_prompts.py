@@ -425,9 +425,9 @@ def test_property_arbitrary_bytes_as_txt(data: bytes, errors: str) -> None:
 
 
 @PROPERTY_SETTINGS
-@given(data=st.binary(max_size=300))
-def test_property_arbitrary_bytes_as_jsonl(data: bytes) -> None:
-    check_reads_or_fails_cleanly("p.jsonl", data, encoding_errors="replace")
+@given(data=st.binary(max_size=300), errors=st.sampled_from(["strict", "replace"]))
+def test_property_arbitrary_bytes_as_jsonl(data: bytes, errors: str) -> None:
+    check_reads_or_fails_cleanly("p.jsonl", data, encoding_errors=errors)
 
 
 @PROPERTY_SETTINGS
