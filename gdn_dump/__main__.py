@@ -1,5 +1,5 @@
 """``python -m gdn_dump`` (what ``torchrun -m gdn_dump extract ...`` runs)."""
 
-from .cli import app
+from .cli import main
 
-app(prog_name="gdn-dump")
+main()

@@ -48,12 +48,13 @@ class AttnLayer:
         return KIND[("gdn", mode)] if self.layer_type == GDN else "softmax"
 
 
-def select_attn_layers(catalogue: Catalogue, layers: str | None, heads: str | None) -> list[AttnLayer]:
+def select_attn_layers(catalogue: Catalogue, layers: str | None, heads: str | None,
+                       option: str = "--attn-layers") -> list[AttnLayer]:
     """``--layer``/``--attn-layers`` (``all`` = every layer) and ``--heads`` (``all`` or a list)."""
     if layers is None or layers.strip() == "all":
         indices = list(range(len(catalogue.layer_types)))
     else:
-        indices = catalogue.parse_layers(layers)
+        indices = catalogue.parse_layers(layers, option)
     out = []
     for layer in indices:
         kind = catalogue.layer_types[layer]
@@ -109,17 +110,21 @@ def hooks_for(layers: list[AttnLayer]) -> list[str]:
     return names
 
 
+def check_attention_options(mode: str, method: str, precision: str) -> None:
+    if mode not in MODES:
+        raise GdnDumpError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if method not in METHODS:
+        raise GdnDumpError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if precision not in ("float32", "float64"):
+        raise GdnDumpError(f"--precision must be float32 or float64, not {precision!r}")
+
+
 class AttentionCapture:
     """Keeps the hook tensors the matrices need during a forward, then computes the matrices."""
 
     def __init__(self, layers: list[AttnLayer], *, mode: str = "exact", method: str = "chunked",
                  precision: str = "float32"):
-        if mode not in MODES:
-            raise GdnDumpError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if method not in METHODS:
-            raise GdnDumpError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-        if precision not in ("float32", "float64"):
-            raise GdnDumpError(f"--precision must be float32 or float64, not {precision!r}")
+        check_attention_options(mode, method, precision)
         self.layers = layers
         self.mode, self.method, self.precision = mode, method, precision
         self._kept: dict[str, torch.Tensor] = {}

@@ -206,8 +206,9 @@ class Catalogue:
         order = {name: i for i, name in enumerate(self.specs)}
         return sorted(selected.values(), key=lambda spec: order[spec.name])
 
-    def parse_layers(self, text: str | None) -> list[int]:
-        """``all`` (every GDN layer), or a list of indices and ranges such as ``0,1,4-6``."""
+    def parse_layers(self, text: str | None, option: str = "--layers") -> list[int]:
+        """``all`` (every GDN layer), or a list of indices and ranges such as ``0,1,4-6``;
+        ``option`` names the option in errors."""
         if text is None or text.strip() == "all":
             return self.gdn_layers
         n_layers = len(self.layer_types)
@@ -223,18 +224,18 @@ class Catalogue:
                     span = [int(part)]
             except ValueError:
                 raise SelectionError(
-                    f"--layers: cannot read {part!r}; use 'all', indices and ranges like 0,1,4-6"
+                    f"{option}: cannot read {part!r}; use 'all', indices and ranges like 0,1,4-6"
                 ) from None
             for layer in span:
                 if not 0 <= layer < n_layers:
                     raise SelectionError(
-                        f"--layers: layer {layer} is out of range; the model has layers "
+                        f"{option}: layer {layer} is out of range; the model has layers "
                         f"0-{n_layers - 1}, GDN layers {join_indices(self.gdn_layers)}"
                     )
                 if layer not in layers:
                     layers.append(layer)
         if not layers:
-            raise SelectionError("--layers selects no layer")
+            raise SelectionError(f"{option} selects no layer")
         return layers
 
     def _full_name(self, name: str) -> HookSpec:

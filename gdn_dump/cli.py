@@ -16,6 +16,11 @@ from rich.table import Table
 
 from .errors import GdnDumpError, Terminated
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:
+    from click import exceptions as _click_errors
+
 app = typer.Typer(help="Stream Gated DeltaNet internals of Qwen3.5 / Qwen3-Next models into Zarr.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -93,7 +98,7 @@ ResumeOpt = typer.Option(False, help="Continue the run recorded in --out (killed
 WaitTimeoutOpt = typer.Option(600.0, help="Seconds a process other than 0 waits for process 0 to create the store.")
 CheckpointOpt = typer.Option(60.0, help="Seconds between progress records (what --resume starts from).")
 SortWindowOpt = typer.Option("1GiB", help="Run prompts longest first within windows of this many bytes of rows (less padding; the store keeps file order; bounds the reorder memory). 0: file order.")
-OverwriteOpt = typer.Option(False, help="Replace an existing --out.")
+OverwriteOpt = typer.Option(False, help="Replace an existing gdn-dump store at --out (never anything else).")
 DryRunOpt = typer.Option(False, help="Print the plan and exit without loading weights or writing anything.")
 ForceOpt = typer.Option(False, help="Run even if the estimate exceeds the free disk space.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or tables.")
@@ -284,7 +289,7 @@ def attn_matrix(
         sort_window_bytes=window, shard=shard, resume=resume, wait_timeout=wait_timeout,
         checkpoint_every=checkpoint_every, overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
         attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=budget,
-        command_line=["gdn-dump", *sys.argv[1:]],
+        command_line=["gdn-dump", *sys.argv[1:]], command="attn-matrix",
     ), quiet=quiet, debug=debug, png=png, png_log=png_log, png_max_prompts=png_max_prompts)
 
 
@@ -384,5 +389,20 @@ def verify(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The ``gdn-dump`` entry point: the typer app, with click's own usage errors (a value that is
+    not a number, an unknown option, a missing one) as one line on stderr too, exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="gdn-dump", standalone_mode=False)
+    except _click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        code = 0 if len(sys.argv) <= 1 else 2
+    except _click_errors.UsageError as exc:
+        where = f"; see {exc.ctx.command_path} --help" if exc.ctx else ""
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        print(f"gdn-dump: error: {message}{where}", file=sys.stderr)
+        code = 2
+    except _click_errors.Abort:  # Ctrl-C while click itself was reading input
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -76,6 +76,17 @@ class Location:
         with self._explained():
             return self.fs.isfile(self._fs_path)
 
+    def read(self, name: str) -> bytes | None:
+        """The bytes of the file/object ``name`` under it, or None if there is none."""
+        if self.is_local:
+            path = self.path / name
+            return path.read_bytes() if path.is_file() else None
+        with self._explained():
+            try:
+                return self.fs.cat_file(f"{self._fs_path}/{name}")
+            except FileNotFoundError:
+                return None
+
     def remove(self) -> None:
         """Delete everything under it; nothing to delete is fine."""
         if self.is_local:

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 import zarr
 
-from .attn_capture import RESIDUAL_LIMIT, AttentionCapture, check_budget, select_attn_layers
+from .attn_capture import (
+    RESIDUAL_LIMIT,
+    AttentionCapture,
+    check_attention_options,
+    check_budget,
+    select_attn_layers,
+)
 from .capture import Capture
 from .catalogue import Catalogue
 from .coordinate import Session, fault, fingerprint, open_session, signals_as_exceptions
@@ -26,6 +32,7 @@ from .errors import GdnDumpError, RunFailure, Terminated
 from .ledger import finalize, region_status, write_record
 from .location import locate
 from .models import (
+    KERNEL_CHOICES,
     LoadedModel,
     load_config,
     load_model,
@@ -86,6 +93,7 @@ class ExtractOptions:
     attn_precision: str = "float32"
     max_attn_bytes: int = 16 << 30
     command_line: list[str] = field(default_factory=list)
+    command: str = "extract"  # or "attn-matrix": names the layer option in errors
     shard: str | None = None  # "I/N"; torchrun's RANK / WORLD_SIZE are read without it
     resume: bool = False  # continue from the store's progress ledger (or start if there is none)
     wait_timeout: float = 600.0  # seconds a process waits for process 0 to create the store
@@ -207,6 +215,9 @@ def _device_for(device: str, split: WorkSplit) -> torch.device:
 
 def _validate(opts: ExtractOptions) -> None:
     compressors_for(opts.compressor)
+    check_attention_options(opts.attn_mode, opts.attn_method, opts.attn_precision)
+    if opts.kernels not in KERNEL_CHOICES:
+        raise GdnDumpError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, not {opts.kernels!r}")
     if opts.writer not in WRITERS:
         raise GdnDumpError(f"--writer must be one of {', '.join(WRITERS)}, not {opts.writer!r}")
     if opts.writer == "tensorstore" and importlib.util.find_spec("tensorstore") is None:
@@ -231,7 +242,8 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
              processes: int = 1) -> Plan:
     """Resolve the selection, tokenise every prompt once for its length, lay out the store
     (with ``processes`` regions, each starting on a chunk boundary)."""
-    attn_layers = (select_attn_layers(catalogue, opts.attn_layers, opts.attn_heads)
+    option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
+    attn_layers = (select_attn_layers(catalogue, opts.attn_layers, opts.attn_heads, option)
                    if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
     lengths = np.empty(source.count, dtype=np.int64)
@@ -408,7 +420,8 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
     result.padding = _padding(real, padded)
     result.peak_held_bytes = sink.peak_held_bytes
     result.peak_rss = peak_rss()
-    record(hi, done=True)
+    with writer.failures("recording progress"):
+        record(hi, done=True)
     result.seconds += time.perf_counter() - started  # up to durable: the last record syncs
 
 

@@ -7,6 +7,10 @@ The layout is the store contract of DESIGN.md section 4; rows are written by
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,15 +19,16 @@ import zarr
 
 from . import __version__
 from .bfloat16 import storage_dtype
-from .errors import StoreError
+from .errors import RunFailure, StoreError
 from .location import Location, locate
-from .plan import ArraySpec, Plan
+from .plan import ArraySpec, Plan, format_bytes
 
 ATTR = "gdn_dump"
 IN_PROGRESS = "in_progress"
 COMPLETE = "complete"
 FAILED = "failed"
 _COMPRESSORS = ("none", "zstd", "blosc")
+_TS_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 def compressors_for(name: str):
@@ -37,14 +42,38 @@ def compressors_for(name: str):
 
 
 def check_out(out: str | Path, *, overwrite: bool) -> Location:
-    """Refuse an existing ``--out`` unless ``--overwrite``; refuse a file or an unwritable place."""
+    """Refuse an existing ``--out`` unless ``--overwrite``; refuse a file or an unwritable place.
+
+    ``--overwrite`` replaces only a gdn-dump store (or nothing: an empty directory): a typo in
+    ``--out`` must not delete someone's data.
+    """
     loc = locate(out)
     if loc.is_file():
         raise StoreError(f"--out {out} is an existing file, not a store; choose another path")
-    if loc.exists() and not overwrite:
-        raise StoreError(f"--out {out} already exists; pass --overwrite to replace it")
+    if loc.exists():
+        if not overwrite:
+            raise StoreError(f"--out {out} already exists; pass --overwrite to replace it")
+        if not is_gdn_dump_store(loc):
+            raise StoreError(f"--out {out} exists and is not a gdn-dump store; --overwrite replaces "
+                             "only a gdn-dump store: choose another path or remove it yourself")
     loc.check_writable()
     return loc
+
+
+def is_gdn_dump_store(loc: Location) -> bool:
+    """Whether ``loc`` holds a store made by gdn-dump: a Zarr group whose attributes have ours.
+
+    A store left ``in_progress`` (killed, disk full) counts: its group is written with the
+    attribute from the start (see :func:`create_store`).
+    """
+    raw = loc.read("zarr.json")
+    if raw is None:
+        return False
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(meta, dict) and ATTR in (meta.get("attributes") or {})
 
 
 def has_store(out: str | Path) -> bool:
@@ -60,18 +89,33 @@ def create_store(out: str | Path, plan: Plan, provenance: dict, *, overwrite: bo
     """Create every array of ``plan`` and the prompt index; the store says ``in_progress``."""
     loc = check_out(out, overwrite=overwrite)
     compressors = compressors_for(compressor)
-    loc.remove()  # a bulk delete (zarr's own mode="w" clear deletes object by object on S3)
-    group = zarr.open_group(store=loc.zarr_store(), mode="w", zarr_format=3)
-    group.attrs[ATTR] = {**provenance, "status": IN_PROGRESS}
+    if loc.exists():  # an empty directory stays (it may be a mount point)
+        loc.remove()  # a bulk delete (zarr's own mode="w" clear deletes object by object on S3)
+    try:
+        return _create(loc, plan, provenance, compressors, prompt_ids)
+    except OSError as exc:  # the disk filled up (or went away) while creating
+        # Never marked ready, so --resume (or --overwrite) creates it again from scratch.
+        raise RunFailure(f"creating the store {out} failed: {exc.strerror or exc}; nothing was "
+                         f"extracted yet: {remedy(exc)} and rerun with --resume") from exc
+
+
+def _create(loc: Location, plan: Plan, provenance: dict, compressors, prompt_ids) -> zarr.Group:
+    # The attribute is in the group's first zarr.json: a store killed at any point after this is
+    # recognisably ours, so --overwrite and --resume may replace it.
+    group = zarr.open_group(store=loc.zarr_store(), mode="w", zarr_format=3,
+                            attributes={ATTR: {**provenance, "status": IN_PROGRESS}})
     for spec in plan.arrays:
         _create_array(group, spec, compressors)
     n = plan.n_prompts
     for name, values in (("prompt_start", plan.prompt_starts), ("prompt_length", plan.prompt_lengths)):
-        arr = group.create_array(name, shape=(n,), chunks=(_index_chunks(n),), dtype="int64",
+        arr = group.create_array(name, shape=(n,), chunks=(_index_chunks(n),),
+                                 dtype=checked_dtype(name, "int64"),
                                  dimension_names=["prompt"], compressors=compressors,
                                  config={"write_empty_chunks": True})
         arr[:] = values
-    ids = group.create_array("prompt_id", shape=(n,), chunks=(_index_chunks(n),), dtype=str,
+    # Ids are data (vlen-utf8 strings), never paths: nothing is named after them.
+    ids = group.create_array("prompt_id", shape=(n,), chunks=(_index_chunks(n),),
+                             dtype=checked_dtype("prompt_id", str),
                              dimension_names=["prompt"], config={"write_empty_chunks": True})
     _write_streamed(ids, prompt_ids, _index_chunks(n))
     return group
@@ -79,6 +123,7 @@ def create_store(out: str | Path, plan: Plan, provenance: dict, *, overwrite: bo
 
 def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array:
     dtype = storage_dtype(spec.dtype) if spec.dtype in ("float16", "bfloat16") else spec.dtype
+    dtype = checked_dtype(spec.name, dtype)
     hook_attrs = {"hook": spec.hook.name, "layer": spec.hook.layer,
                   "layer_type": spec.hook.layer_type} if spec.hook else {}
     return group.create_array(
@@ -89,6 +134,22 @@ def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array
         # of every prompt's rows are there.
         config={"write_empty_chunks": True},
     )
+
+
+def checked_dtype(name: str, dtype):
+    """``dtype``, unless it is numpy's object dtype: refused, so nothing in a store is pickled.
+
+    Object arrays need a pickle-like codec to be stored (zarr 2's ``pickle``, numcodecs' object
+    codecs), and reading one back runs arbitrary code. Strings are stored as ``vlen-utf8``.
+    """
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:  # a zarr data type instance (bfloat16): never an object dtype
+        return dtype
+    if kind == "O":
+        raise StoreError(f"array {name!r}: dtype {dtype!r} would store pickled Python objects; "
+                         "a gdn-dump store holds only numbers and strings")
+    return dtype
 
 
 def _index_chunks(n: int) -> int:
@@ -106,6 +167,33 @@ def _write_streamed(arr: zarr.Array, values: Iterable[str], chunk: int) -> None:
             buf = []
     if buf:
         arr[start:start + len(buf)] = np.array(buf, dtype=object)
+
+
+def os_error(exc: BaseException | None) -> OSError | None:
+    """The operating-system error behind ``exc``, if there is one.
+
+    zarr-python raises the OSError itself; TensorStore raises a ValueError whose text ends with
+    the errno, e.g. ``RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device
+    [os_error_code='28']``.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    match = _TS_ERRNO.search(str(exc)) if isinstance(exc, ValueError) else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def remedy(exc: OSError) -> str:
+    """What to do before rerunning."""
+    return "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+
+
+def write_failure(what: str, exc: OSError, written: int, store: str) -> RunFailure:
+    """The one-line failure of a write part-way through a run (the store stays resumable)."""
+    return RunFailure(f"{what} failed: {exc.strerror or exc} ({format_bytes(written)} written); "
+                      f"{store} stays {IN_PROGRESS}: {remedy(exc)} and rerun with --resume")
 
 
 def set_status(group: zarr.Group, status: str, **extra: Any) -> None:

@@ -8,6 +8,7 @@ behind a bounded queue, through TensorStore's zarr3 driver (default) or zarr-pyt
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 from pathlib import Path
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import RunFailure, StoreError
+from .errors import StoreError
 from .plan import ArraySpec
+from .store import os_error, write_failure
 
 
 class BackgroundWorker:
@@ -90,7 +92,9 @@ class RowWriter(BackgroundWorker):
                                     self._pool)
             for spec in arrays if spec.stream
         }
-        self.bytes_written = 0
+        self.bytes_written = 0  # bytes of the writes finished so far
+        self._doing = "writing the store"  # what the writer thread does: the failure says it
+        self._store_name = _store_name(group)
         super().__init__("gdn-dump-writer", max_pending)
 
     def append(self, name: str, rows: np.ndarray) -> None:
@@ -138,30 +142,33 @@ class RowWriter(BackgroundWorker):
         name, where, block, pooled = item
         if name is _CHECKPOINT:
             self._wait_pending()
-            where()
+            if where is not None:
+                self._doing = "recording progress"
+                where()
             return
-        target = self._arrays[name]
-        if self._engine == "zarr":
-            target[where] = block
+        self._doing = f"writing {name}"
+        future = store_write(self._engine, self._arrays[name], where, block)
+        if future is None:  # zarr-python: written
+            self.bytes_written += block.nbytes
             self._pool.give(pooled)
-        else:  # TensorStore: writes run in its own threads; keep a few in flight
-            # TensorStore may keep the block instead of copying it: it is not touched (nor given
-            # back to the pool) until the write is done.
-            future = target[where].write(block, can_reference_source_data_indefinitely=True)
-            self._pending.append((future, pooled))
-            while len(self._pending) > _TS_IN_FLIGHT:
-                self._finish_oldest()
-        self.bytes_written += block.nbytes
+            return
+        # TensorStore writes in its own threads; a few are kept in flight. It may keep the block
+        # instead of copying it: the block is not touched (nor given back to the pool) until done.
+        self._pending.append((name, future, pooled, block.nbytes))
+        while len(self._pending) > _TS_IN_FLIGHT:
+            self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        future, pooled = self._pending.popleft()
+        name, future, pooled, nbytes = self._pending.popleft()
+        self._doing = f"writing {name}"
         future.result()
+        self.bytes_written += nbytes  # counted once on disk: the failure message says how much
         self._pool.give(pooled)
 
     def close(self) -> None:
         """Write the last, partial chunk of each array and wait for every write."""
         self._flush_tails()
-        self.put((_CHECKPOINT, self._wait_pending, None, None))
+        self.put((_CHECKPOINT, None, None, None))
         BackgroundWorker.close(self)
 
     def _wait_pending(self) -> None:
@@ -169,18 +176,47 @@ class RowWriter(BackgroundWorker):
             self._finish_oldest()
 
     def _raise_if_failed(self) -> None:
-        exc = self._error
-        if isinstance(exc, OSError):
-            raise RunFailure(
-                f"writing the store failed ({exc.strerror or exc}); {self.bytes_written} bytes "
-                "were written, the store stays in_progress"
-            ) from exc
+        failure = os_error(self._error)
+        if failure is not None:  # disk full, quota, I/O error: one line, the store resumable
+            raise write_failure(self._doing, failure, self.bytes_written,
+                                self._store_name) from self._error
         super()._raise_if_failed()
+
+    @contextlib.contextmanager
+    def failures(self, what: str):
+        """Report an operating-system error raised inside as the one-line :class:`RunFailure` of
+        a failed write (for store writes made outside the writer thread, e.g. the last record)."""
+        try:
+            yield
+        except Exception as exc:
+            failure = os_error(exc)
+            if failure is None:
+                raise
+            raise write_failure(what, failure, self.bytes_written, self._store_name) from exc
+
+
+def store_write(engine: str, target, where, block: np.ndarray):
+    """Write ``block`` at ``where`` of ``target``: the writer's one store write (the seam that the
+    fault tests replace to fill the disk). zarr-python writes now and returns None; TensorStore
+    returns a future, whose ``result()`` raises what the write raised."""
+    if engine == "zarr":
+        target[where] = block
+        return None
+    return target[where].write(block, can_reference_source_data_indefinitely=True)
 
 
 WRITERS = ("zarr", "tensorstore")
 _CHECKPOINT = object()
 _TS_IN_FLIGHT = 16
+
+
+def _store_name(group: zarr.Group) -> str:
+    """The store's path or URL, for messages."""
+    store = group.store
+    if isinstance(store, zarr.storage.LocalStore):
+        return str(store.root)
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    return fs.unstrip_protocol(path) if fs is not None and path else "the store"
 
 
 def _open_for_writing(group: zarr.Group, names: list[str], engine: str) -> dict:
