@@ -326,10 +326,10 @@ def inspect(
     import json
 
     from .plan import format_bytes
-    from .store import ATTR, open_store, store_summary
+    from .store import ATTR, open_group, store_summary
 
     try:
-        group = open_store(store)
+        group = open_group(store)
         rows = store_summary(group)
     except Exception as exc:
         _fail(exc, debug)

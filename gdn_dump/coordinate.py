@@ -18,7 +18,7 @@ import zarr
 from .errors import StoreError, Terminated
 from .ledger import differences, mark_ready, read_record, ready_info, wait_ready
 from .plan import Plan
-from .store import ATTR, COMPLETE, create_store, has_store, open_store
+from .store import ATTR, COMPLETE, create_store, has_store, open_group
 from .workers import Barrier, WorkSplit, run_id
 
 
@@ -62,7 +62,7 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
     group = None
     if split.creator:
         if opts.resume and has_store(path):
-            group = open_store(path, mode="r+")
+            group = open_group(path, mode="r+")
             info = ready_info(group)
             if info is None:  # killed while creating: nothing in it can be trusted
                 group = None
@@ -79,7 +79,7 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
         barrier.wait()
     else:
         barrier.wait()
-        group = wait_ready(lambda: open_store(path, mode="r+"), fp, launch, opts.wait_timeout,
+        group = wait_ready(lambda: open_group(path, mode="r+"), fp, launch, opts.wait_timeout,
                            opts.resume)
     lo, hi = plan.regions[split.index]
     session = Session(group, split.index, lo, hi, lo,

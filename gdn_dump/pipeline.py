@@ -44,7 +44,7 @@ from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
-from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_store, provenance_base
+from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
 from .workers import Barrier, WorkSplit, detect_split, split_regions
 from .writer import WRITERS, RowWriter
 
@@ -199,7 +199,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
 
 def finalize_store(path: str | Path) -> str:
     """``gdn-dump finalize``: mark a store whose regions are all done ``complete``; idempotent."""
-    group = open_store(path, mode="r+")
+    group = open_group(path, mode="r+")
     status = finalize(group, RESIDUAL_LIMIT)
     if status == FAILED:
         raise RunFailure(group.attrs[ATTR]["failure"])

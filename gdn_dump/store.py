@@ -206,7 +206,7 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open a gdn-dump store (a local directory or a URL such as ``s3://bucket/prefix``)."""
     loc = locate(path)
     if not has_store(path):

@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from .catalogue import GDN_HOOKS, Catalogue
 from .ledger import ready_info, region_status
-from .store import ATTR, COMPLETE, open_store
+from .store import ATTR, COMPLETE, open_group
 
 INDEX_ARRAYS = ("prompt_start", "prompt_length", "prompt_id")
 SCALAR_SUFFIXES = {suffix for suffix, _, scalar in GDN_HOOKS.values() if scalar}
@@ -37,7 +37,7 @@ class Check:
 def verify_store(path: str | Path | zarr.Group, allow_nonfinite: bool = False) -> list[Check]:
     """Run every check on the store at ``path`` (StoreError if it is not a gdn-dump store), or on a
     group opened read-only by the caller (any zarr store: remote, in memory)."""
-    group = path if isinstance(path, zarr.Group) else open_store(path, mode="r")
+    group = path if isinstance(path, zarr.Group) else open_group(path, mode="r")
     meta = dict(group.attrs.get(ATTR) or {})  # a group passed in may not be a gdn-dump store
     ctx = SimpleNamespace(group=group, meta=meta, arrays=dict(group.arrays()), starts=None,
                           lengths=None, layout_ok=False, expected=None, n_rows=int(meta.get("n_rows") or 0))

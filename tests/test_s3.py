@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.store import open_store
+from gdn_dump.store import open_group
 
 from .s3server import s3_server, s3_url  # noqa: F401
 
@@ -26,7 +26,7 @@ def test_extract_to_s3_reads_back_equal_to_a_local_store(tiny, ragged_txt, tmp_p
     result = _extract(tiny, ragged_txt, s3_url)
     assert result.status == "complete"
     local = zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
-    remote = open_store(s3_url)
+    remote = open_group(s3_url)
     assert remote.attrs["gdn_dump"]["status"] == "complete"
     assert remote.attrs["gdn_dump"]["writer"] == "zarr"  # TensorStore writes local files only
     assert sorted(local.array_keys()) == sorted(remote.array_keys())
@@ -66,10 +66,10 @@ def test_killed_s3_run_resumes_to_the_same_store(ragged_txt, s3_url, tmp_path):
 
     assert run(tmp_path / "ref.zarr").returncode == 0
     assert run(s3_url, fault="after-checkpoint:2").returncode == -signal.SIGKILL
-    assert open_store(s3_url).attrs["gdn_dump"]["status"] == "in_progress"
+    assert open_group(s3_url).attrs["gdn_dump"]["status"] == "in_progress"
     resumed = run(s3_url, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    ref, got = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r"), open_store(s3_url)
+    ref, got = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r"), open_group(s3_url)
     assert got.attrs["gdn_dump"]["status"] == "complete"
     for name in ("tokens", "blocks.0.linear_attn.hook_q", "blocks.2.linear_attn.hook_beta"):
         np.testing.assert_array_equal(ref[name][:], got[name][:], err_msg=name)
