@@ -7,3 +7,14 @@ __version__ = "0.1.0"
 from .bfloat16 import is_bfloat16_supported as _bf16_ok  # noqa: E402
 
 _bf16_ok()
+
+__all__ = ["__version__", "open_store", "Store"]
+
+
+def __getattr__(name: str):
+    # The reader on first use: ``import gdn_dump`` (the CLI, every worker) stays light.
+    if name in ("open_store", "Store"):
+        from . import read
+
+        return getattr(read, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

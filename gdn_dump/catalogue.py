@@ -35,7 +35,10 @@ import difflib
 from dataclasses import dataclass
 
 from .errors import SelectionError
-from .models import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE
+
+# config.layer_types values (kept here, not in models.py, so reading a store needs no torch)
+GDN_LAYER_TYPE = "linear_attention"
+ATTENTION_LAYER_TYPE = "full_attention"
 
 GDN = "gdn"
 ATTENTION = "attention"

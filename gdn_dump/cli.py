@@ -354,6 +354,57 @@ def inspect(
         for name, count in (meta.get(key) or {}).items():
             _console().print(f"[red]{what} in {name}: {count:,}[/]")
     _console().print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
+    from .stats import table_rows
+
+    stats_rows = table_rows(group)  # per-head statistics, written at finalize
+    if stats_rows:
+        def num(x):
+            return "-" if x is None else f"{x:.4g}"
+
+        stats = Table(title="statistics (over heads: mean of the per-head means, stds, L2 norms)")
+        for column in ("array", "heads", "count", "mean", "std", "mean L2", "min", "max"):
+            stats.add_column(column, justify="left" if column == "array" else "right",
+                             overflow="fold")
+        for r in stats_rows:
+            stats.add_row(r["name"], f"{r['heads']} {r['heads_dim'] or ''}".strip(),
+                          f"{r['count']:,}" + (f" (+{r['nonfinite']:,} NaN/inf)" if r["nonfinite"] else ""),
+                          num(r["mean"]), num(r["std"]), num(r["mean_l2"]), num(r["min"]), num(r["max"]))
+        _console().print(stats)
+        for r in stats_rows:
+            if "median_half_life" in r:
+                _console().print(f"median half-life (tokens) per head, {r['name']}: "
+                                 + " ".join(num(x) for x in r["median_half_life"]))
+
+
+@app.command()
+def plot(
+    store: str = typer.Argument(..., help="A store written by gdn-dump (a directory or s3://bucket/prefix)."),
+    kind: str = typer.Option(..., "--kind", "-k", help="decay (half-life ln(0.5)/g in tokens), beta, attn (an attention matrix) or norms (norm profile along the sequence)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The image to write (.png; its directory must exist)."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="decay/beta: per-head distributions of this layer; attn: the layer (default: the first with an attn_matrix); norms: one line per head of this layer."),
+    head: Optional[int] = typer.Option(None, "--head", help="attn: the head (default 0); decay/beta: this head's distribution per layer (or in --layer); norms: this head's norm only (per layer, or in --layer)."),
+    prompt: Optional[int] = typer.Option(None, "--prompt", help="0-based prompt index: attn's prompt (default 0); for the other kinds only this prompt (default: all)."),
+    hook: str = typer.Option("recurrence_out", "--hook", help="norms: the hook, a short name (recurrence_out, v, q, ...) or a full array name."),
+    width: float = typer.Option(10.0, help="Figure width in inches."),
+    height: float = typer.Option(6.0, help="Figure height in inches."),
+    dpi: int = typer.Option(100, help="Dots per inch: the image is width*dpi x height*dpi pixels."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Draw one figure of a store: decay half-lives, beta, an attention matrix or norm profiles."""
+    from .plots import plot_store
+    from .store import ATTR, open_group
+
+    try:
+        group = open_group(store)
+        status = group.attrs[ATTR].get("status")
+        path = plot_store(group, kind, out, layer=layer, head=head, prompt=prompt, hook=hook,
+                          width=width, height=height, dpi=dpi, name=store)
+    except Exception as exc:
+        _fail(exc, debug)
+    if status != "complete":
+        _console(stderr=True).print(f"[yellow]warning:[/] {store} is {status}: rows not yet written "
+                                    "read as zeros", highlight=False)
+    _console(stderr=True).print(f"wrote {path}", highlight=False)
 
 
 @app.command()

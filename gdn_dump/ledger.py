@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from .errors import RunFailure, StoreError
+from .stats import merged
 from .store import COMPLETE, FAILED, now_iso, set_status
 
 PROGRESS = "_progress"
@@ -135,6 +136,7 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
                          "(with --resume) first")
     done = [r for r in records if r]
     overflow, nonfinite = _summed(done, "overflow"), _summed(done, "nonfinite")
+    summary = _write_stats(group, done)
     failures = []
     for name, arr in group.arrays():
         if not name.endswith("attn_residual"):
@@ -152,6 +154,7 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
         oom_retries=sum(r.get("oom_retries", 0) for r in done),
         peak_rss_bytes=max((r.get("peak_rss", 0) for r in done), default=0),
         padding=round(float(np.mean([r.get("padding", 0.0) for r in done])) if done else 0.0, 4),
+        stats=summary,
     )
     if failures:
         message = (f"the effective attention does not reproduce the layer output (limit "
@@ -160,6 +163,22 @@ def finalize(group: zarr.Group, residual_limit: float) -> str:
         return FAILED
     set_status(group, COMPLETE, **common)
     return COMPLETE
+
+
+def _write_stats(group: zarr.Group, records: list[dict]) -> dict[str, dict]:
+    """Merge the regions' statistics into each array's attribute ``stats``; returns the
+    all-heads summary per array for the provenance. An array some region with rows has no
+    statistics for (a record from before statistics, resumed) gets none."""
+    with_rows = [r for r in records if (r.get("rows") or [0, 0])[1] > (r.get("rows") or [0, 0])[0]]
+    states = [r.get("stats") or {} for r in with_rows]
+    names = set.intersection(*(set(s) for s in states)) if states else set()
+    total = merged({name: state[name] for name in names} for state in states)
+    summary = {}
+    for name, stats in sorted(total.items()):
+        if name in group:
+            group[name].attrs.update({"stats": stats.result()})
+            summary[name] = stats.summary()
+    return summary
 
 
 def _summed(records: list[dict], key: str) -> dict[str, int]:

@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
+from .catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: F401 - re-exported
 from .errors import GdnDumpError
 from .model_source import load_error, loading_errors, no_safetensors, resolve_source
 
 TINY_NAME = "tiny"
-GDN_LAYER_TYPE = "linear_attention"
-ATTENTION_LAYER_TYPE = "full_attention"
 SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 # Modules whose GDN forward resolves kernels through module-level names (transformers >= 5.15).
 _MODELING_MODULES = (

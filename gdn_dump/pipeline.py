@@ -29,7 +29,7 @@ from .capture import Capture
 from .catalogue import Catalogue
 from .coordinate import Session, fault, fingerprint, open_session, signals_as_exceptions
 from .errors import GdnDumpError, RunFailure, Terminated
-from .ledger import finalize, region_status, write_record
+from .ledger import finalize, read_record, region_status, write_record
 from .location import locate
 from .models import (
     KERNEL_CHOICES,
@@ -44,6 +44,7 @@ from .plan import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
+from .stats import for_arrays, from_json, to_json
 from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
 from .workers import Barrier, WorkSplit, detect_split, split_regions
 from .writer import WRITERS, RowWriter
@@ -363,7 +364,7 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
 
     local = isinstance(session.group.store, zarr.storage.LocalStore)
 
-    def record(resume_from: int, done: bool = False) -> None:  # on the writer thread
+    def record(resume_from: int, stats, done: bool = False) -> None:  # on the writer thread
         if local:  # chunk files are written without fsync: make them durable before claiming them
             os.sync()
         write_record(session.group, session.region, {
@@ -374,12 +375,14 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
             "oom_retries": runner.retries,
             "seconds": round(time.perf_counter() - started, 3),
             "padding": round(_padding(real, padded), 4), "peak_rss": peak_rss(),
+            "stats": to_json(stats) if stats is not None else None,
         })
         checkpoints[0] += 1
         fault(f"after-checkpoint:{checkpoints[0]}")
 
     sink = BatchSink(writer, plan, result, start_prompt=first, checkpoint=record,
-                     checkpoint_every=opts.checkpoint_every, fail_on_nonfinite=opts.fail_on_nonfinite)
+                     checkpoint_every=opts.checkpoint_every, fail_on_nonfinite=opts.fail_on_nonfinite,
+                     stats=_resumed_stats(session, plan))
     runner = HalvingRunner(capture, pad_id, reporter.note)
     todo = plan.prompt_starts[hi - 1] + plan.prompt_lengths[hi - 1] - start_row if hi > first else 0
     reporter.start(hi - first, int(todo))
@@ -421,7 +424,7 @@ def _run(opts, model: LoadedModel, plan: Plan, source, session: Session, result:
     result.peak_held_bytes = sink.peak_held_bytes
     result.peak_rss = peak_rss()
     with writer.failures("recording progress"):
-        record(hi, done=True)
+        record(hi, sink.stats, done=True)
     result.seconds += time.perf_counter() - started  # up to durable: the last record syncs
 
 
@@ -429,11 +432,24 @@ def _flush_on_signal(sink: BatchSink, writer: RowWriter, record) -> None:
     """On SIGINT / SIGTERM: write what was captured, record the last whole unit, leave resumable."""
     try:
         sink.close(strict=False)
-        writer.checkpoint(lambda: record(sink.last_unit_end))
+        writer.checkpoint(lambda: record(sink.last_unit_end, sink.unit_stats))
         writer.close()
     except BaseException:  # the signal's exit code matters more than a second failure
         sink.abort()
         writer.abort()
+
+
+def _resumed_stats(session: Session, plan: Plan):
+    """The statistics of the rows before ``session.resume_from``: empty at the region's start,
+    else those of its record (written with that ``resume_from``)."""
+    if session.resume_from <= session.lo:
+        return None  # fresh accumulators
+    record = read_record(session.group, session.region) or {}
+    state = record.get("stats")
+    fresh = for_arrays(plan.arrays)
+    if not state or set(state) != set(fresh):  # a record without statistics: none for the region
+        return {}
+    return from_json(state)
 
 
 def _padding(real: int, padded: int) -> float:

@@ -1,13 +1,16 @@
-"""Heatmaps of stored attention matrices (matplotlib, headless)."""
+"""Figures of a store (matplotlib, headless): attention heatmaps (``attn-matrix --png``) and the
+figures of ``gdn-dump plot`` (decay, beta, attn, norms; their data is in :mod:`gdn_dump.figures`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from .errors import GdnDumpError
 
+ANNOTATE_MAX_CELLS = 200  # values written into heatmap cells up to this many cells
 LABEL_MAX_TOKENS = 48  # token strings on the axes only where they stay readable
 
 
@@ -62,8 +65,11 @@ def attention_heatmaps(group, out_dir: str | Path, tokenizer=None, *, max_prompt
     return written
 
 
-def _heatmap(plt, matrix, labels, path, log_scale, size_inches, dpi, title, LogNorm, Normalize):
-    fig, ax = plt.subplots(figsize=(size_inches, size_inches), dpi=dpi)
+def _heatmap(plt, matrix, labels, path, log_scale, size_inches, dpi, title, LogNorm, Normalize,
+             fmt=None):
+    """One lower-triangular heatmap; ``size_inches`` is a side (square) or a (width, height) pair."""
+    figsize = tuple(size_inches) if isinstance(size_inches, (tuple, list)) else (size_inches, size_inches)
+    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
     lower = np.tril(np.ones_like(matrix, dtype=bool))
     if log_scale:
         magnitude = np.where(lower, np.abs(matrix), np.nan)
@@ -87,5 +93,181 @@ def _heatmap(plt, matrix, labels, path, log_scale, size_inches, dpi, title, LogN
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(labels)), labels, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format=fmt)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# gdn-dump plot: one figure per command (the data comes from gdn_dump.figures)
+
+def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, head: int | None = None,
+               prompt: int | None = None, hook: str = "recurrence_out", width: float = 10.0,
+               height: float = 6.0, dpi: int = 100, name: str | None = None) -> Path:
+    """Draw one figure of a store (a path or an open group) into ``out``; returns the path.
+    ``name`` is the store as the titles call it (default: the path)."""
+    from . import figures
+    from .store import open_group
+
+    if kind not in figures.KINDS:
+        raise GdnDumpError(f"--kind {kind!r} is unknown: one of {', '.join(figures.KINDS)}")
+    if min(width, height) <= 0 or dpi <= 0:
+        raise GdnDumpError("--width, --height and --dpi must be positive")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise GdnDumpError(f"--out {out}: the directory {out.parent} does not exist")
+    if out.is_dir():
+        raise GdnDumpError(f"--out {out} is a directory; give a file name such as {out / (kind + '.png')}")
+    plt = _pyplot()
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    supported = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if fmt not in supported:
+        raise GdnDumpError(f"--out {out}: unknown image format {fmt!r}; use .png (or {', '.join(sorted(supported))})")
+    group = open_group(store) if isinstance(store, (str, Path)) else store
+    name = name or (str(store) if isinstance(store, (str, Path)) else "store")
+    size = (width, height)
+    if kind == "attn":
+        data = figures.attention_data(group, layer, 0 if head is None else head, 0 if prompt is None else prompt)
+        draw_attention(plt, data, figures.store_tokenizer(group), out, size, dpi, fmt)
+    elif kind == "norms":
+        data = figures.norm_profile(group, hook, layer, head, prompt)
+        draw_norms(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
+    elif layer is None and head is None:
+        data = figures.quantile_grid(group, kind, prompt)
+        _need_rows(data, prompt)
+        draw_grid(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, None)}")
+    else:
+        data = figures.distributions(group, kind, layer, head, prompt)
+        _need_rows(data, prompt)
+        draw_distributions(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
+    return out
+
+
+def _scope(prompt, layer) -> str:
+    what = "all prompts" if prompt is None else f"prompt {prompt}"
+    return what if layer is None else f"layer {layer}, {what}"
+
+
+def _need_rows(data, prompt) -> None:
+    if not data["rows"]:
+        raise GdnDumpError("no stored tokens to plot" + ("" if prompt is None else f" in --prompt {prompt}"))
+
+
+def _rows_note(data) -> str:
+    note = f"{data['rows']:,} tokens"
+    return note + (f", every {math.ceil(data['rows'] / data['sampled'])}th used"
+                   if data["sampled"] < data["rows"] else "")
+
+
+def _save(plt, fig, path, fmt) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format=fmt)
+    plt.close(fig)
+
+
+def _heads_ticks(ax, n: int, axis: str) -> None:
+    if n <= 48:
+        (ax.set_yticks if axis == "y" else ax.set_xticks)(range(n))
+
+
+GRID_TEXT = {
+    "decay": ("half-life ln(0.5)/g per value head and GDN layer", "median half-life (tokens, log scale)",
+              "inter-quartile spread: log10(q75 / q25) (decades)"),
+    "beta": ("write strength beta per value head and GDN layer", "median beta",
+             "inter-quartile range: q75 - q25"),
+}
+
+
+def draw_grid(plt, data, path, size, dpi, fmt, title) -> None:
+    """Two heatmaps, heads x GDN layers: the median (annotated when small) and the IQR."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    kind, median = data["kind"], data["median"]
+    heads, n_layers = median.shape
+    what, median_label, spread_label = GRID_TEXT[kind]
+    if kind == "decay":
+        positive = median[np.isfinite(median) & (median > 0)]
+        low = float(positive.min()) if positive.size else 1.0
+        norm = LogNorm(vmin=low, vmax=max(low * 10, float(positive.max()) if positive.size else 10.0))
+        spread = np.log10(data["q75"] / data["q25"])
+    else:
+        norm = Normalize(vmin=0.0, vmax=1.0)
+        spread = data["q75"] - data["q25"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=size, dpi=dpi)
+    for ax, values, label, kw in ((left, median, median_label, {"norm": norm, "cmap": "viridis"}),
+                                  (right, spread, spread_label, {"cmap": "magma"})):
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", **kw)
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_xticks(range(n_layers), [str(layer) for layer in data["layers"]])
+        _heads_ticks(ax, heads, "y")
+        ax.set_xlabel("GDN layer")
+        ax.set_ylabel("value head")
+        if heads * n_layers <= ANNOTATE_MAX_CELLS:
+            for (h, i), value in np.ndenumerate(values):
+                ax.text(i, h, f"{value:.3g}", ha="center", va="center", fontsize=7, color="white",
+                        path_effects=_outline())
+    left.set_title("median")
+    right.set_title("spread")
+    fig.suptitle(f"{what}\n{title} ({_rows_note(data)})", fontsize=9)
+    _save(plt, fig, path, fmt)
+
+
+def _outline():
+    from matplotlib import patheffects
+
+    return [patheffects.withStroke(linewidth=1.5, foreground="black")]
+
+
+def draw_distributions(plt, data, path, size, dpi, fmt, title) -> None:
+    """Box plots (5-95 % whiskers, median line, mean marker) per head of a layer or per layer."""
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    ax.boxplot(data["values"], tick_labels=[str(x) for x in data["labels"]], whis=(5, 95),
+               showfliers=False, showmeans=True)
+    if data["axis"] == "head":
+        ax.set_xlabel("value head")
+        subject = f"per head of layer {data['layer']}"
+    else:
+        ax.set_xlabel("GDN layer")
+        subject = f"of head {data['head']} per GDN layer"
+    ax.set_ylabel("log10 half-life (tokens)" if data["kind"] == "decay" else "beta (write strength)")
+    what = "half-life ln(0.5)/g" if data["kind"] == "decay" else "beta"
+    ax.set_title(f"{what} {subject} (box: quartiles, whiskers: 5-95 %)\n{title} ({_rows_note(data)})",
+                 fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    _save(plt, fig, path, fmt)
+
+
+def draw_norms(plt, data, path, size, dpi, fmt, title) -> None:
+    """One line per layer (or head) of the mean norm at each position; grey: prompts counted."""
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    positions = np.arange(data["mean"].shape[1])
+    marker = "o" if len(positions) < 2 else None
+    for label, line in zip(data["labels"], data["mean"]):
+        ax.plot(positions, line, label=label, marker=marker, linewidth=1.2)
+    ax.set_xlabel("position t (tokens)")
+    ax.set_ylabel(f"mean over prompts of ||{data['hook']}[t]|| (L2)")
+    ax.set_title(f"norm profile of {data['hook']}\n{title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    count = ax.twinx()
+    count.step(positions, data["count"], where="mid", color="grey", alpha=0.4, linewidth=1)
+    count.set_ylabel("prompts reaching t", color="grey")
+    count.set_ylim(bottom=0)
+    ax.set_zorder(count.get_zorder() + 1)  # the lines above the count
+    ax.patch.set_visible(False)
+    ax.legend(fontsize=7, ncol=max(1, len(data["labels"]) // 12), loc="upper right")
+    _save(plt, fig, path, fmt)
+
+
+def draw_attention(plt, data, tokenizer, path, size, dpi, fmt) -> None:
+    """The heatmap of one head's attention matrix, axes labelled with the prompt's tokens."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    tokens = data["tokens"]
+    labels = None
+    if len(tokens) <= LABEL_MAX_TOKENS:
+        labels = token_labels(tokenizer, tokens) if tokenizer is not None else [str(int(t)) for t in tokens]
+    title = (f"blocks.{data['layer']}.attn_matrix head {data['head']} ({data['kind']}), "
+             f"prompt {data['prompt']} (id {data['prompt_id']}, {len(tokens)} tokens)"
+             + ("" if tokenizer is not None else "; labels are token ids"))
+    _heatmap(plt, data["matrix"], labels, path, False, size, dpi, title, LogNorm, Normalize,
+             fmt=fmt)

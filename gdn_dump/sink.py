@@ -18,6 +18,7 @@ import numpy as np
 from .capture import NONFINITE, OVERFLOW, CapturedBatch
 from .errors import RunFailure
 from .plan import Plan
+from .stats import ArrayStats, for_arrays, snapshot
 from .writer import BackgroundWorker, RowWriter
 
 
@@ -53,9 +54,10 @@ class BatchSink(BackgroundWorker):
 
     def __init__(self, writer: RowWriter, plan: Plan, result, start_prompt: int = 0,
                  max_batches: int = 2, checkpoint=None, checkpoint_every: float = 60.0,
-                 fail_on_nonfinite: bool = False):
+                 fail_on_nonfinite: bool = False, stats: dict[str, ArrayStats] | None = None):
         self.writer = writer
-        # checkpoint(prompt) runs on the writer thread once every row before ``prompt`` is durable
+        # checkpoint(prompt, stats) runs on the writer thread once every row before ``prompt`` is
+        # durable; ``stats`` are the statistics of exactly those rows (see :mod:`gdn_dump.stats`)
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.last_unit_end = start_prompt  # the latest unit boundary handed to the writer
         self._last_checkpoint = time.monotonic()
@@ -67,6 +69,10 @@ class BatchSink(BackgroundWorker):
         self.residual_arrays = {a.name: a.name.replace("attn_matrix", "attn_residual")
                                 for a in plan.attn_layers
                                 if a.name.replace("attn_matrix", "attn_residual") in residuals}
+        # per-head statistics of the rows handed to the writer (from the region's first prompt:
+        # ``stats`` continues a resumed run's), and their copy at the latest unit boundary
+        self.stats = for_arrays(plan.arrays) if stats is None else stats
+        self.unit_stats = snapshot(self.stats)
         self.next_prompt = start_prompt
         self._ready: dict[int, _Ready] = {}
         self.held_bytes = 0
@@ -110,6 +116,8 @@ class BatchSink(BackgroundWorker):
                 self.writer.append("tokens", held.rows["tokens"][rows])
                 for name in self.token_arrays:
                     self.writer.append(name, held.rows[name][rows])
+                    if name in self.stats:
+                        self.stats[name].accumulate(held.rows[name][rows])
                 held.remaining -= len(run)
                 if held.remaining == 0:
                     self.held_bytes -= held.nbytes
@@ -122,10 +130,11 @@ class BatchSink(BackgroundWorker):
             raise RunFailure(f"internal error: unit ending at prompt {prompt} while prompt "
                              f"{self.next_prompt} is next")
         self.last_unit_end = prompt
+        self.unit_stats = snapshot(self.stats)
         now = time.monotonic()
         if self.checkpoint is not None and now - self._last_checkpoint >= self.checkpoint_every:
             self._last_checkpoint = now
-            self.writer.checkpoint(functools.partial(self.checkpoint, prompt))
+            self.writer.checkpoint(functools.partial(self.checkpoint, prompt, self.unit_stats))
 
     def _tally(self, batch: CapturedBatch) -> None:
         for name, values in batch.residuals.items():

@@ -1,0 +1,276 @@
+"""The data behind ``gdn-dump plot``: functions of a store that return numpy arrays and dicts
+(testable without drawing); :mod:`gdn_dump.plots` draws them, one figure per command.
+
+Every reader goes through ``prompt_start`` / ``prompt_length`` (gap rows between regions are never
+read as data) and reads a bounded block of rows at a time: the norm profile keeps only per-position
+sums, the decay / beta statistics keep at most ``max_rows`` rows per layer (an evenly strided
+sample of the owned rows when a store has more; the figure says so).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from .errors import GdnDumpError
+
+KINDS = ("decay", "beta", "attn", "norms")
+LN_HALF = math.log(0.5)
+G_CEILING = -1e-30  # g >= 0 (no decay) is read as this: a finite, huge half-life (~7e29 tokens)
+MAX_SAMPLE_ROWS = 1 << 19  # rows per layer kept for quantiles (x heads x 8 bytes: 200 MB at 48 heads)
+BLOCK_BYTES = 32 << 20  # bytes of one read
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _index(group) -> tuple[np.ndarray, np.ndarray]:
+    return group["prompt_start"][:].astype(np.int64), group["prompt_length"][:].astype(np.int64)
+
+
+def _check_prompt(group, prompt: int | None) -> None:
+    n = group["prompt_length"].shape[0]
+    if prompt is not None and not 0 <= prompt < n:
+        raise GdnDumpError(f"--prompt {prompt} is out of range: the store has {n} prompts (0-{n - 1})")
+
+
+def owned_blocks(group, name: str, prompt: int | None = None, block_bytes: int = BLOCK_BYTES):
+    """Yield ``(values, prompt_index, position)`` for the owned rows of array ``name``, a block at
+    a time (blocks aligned to the array's chunks / shards), in row order; only ``prompt`` if given."""
+    arr = group[name]
+    starts, lengths = _index(group)
+    chosen = np.arange(len(starts)) if prompt is None else np.array([prompt])
+    chosen = chosen[lengths[chosen] > 0]
+    chosen = chosen[np.argsort(starts[chosen], kind="stable")]
+    if not len(chosen):
+        return
+    s, e = starts[chosen], starts[chosen] + lengths[chosen]
+    unit = int(arr.chunks[0])  # inner chunks: a sharded array is read part of a shard at a time
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    block = max(unit, (block_bytes // row_bytes) // unit * unit)
+    # contiguous runs of owned rows
+    breaks = np.flatnonzero(s[1:] != e[:-1]) + 1
+    for run in np.split(np.arange(len(chosen)), breaks):
+        a, stop = int(s[run[0]]), int(e[run[-1]])
+        while a < stop:
+            b = min(stop, (a // block + 1) * block)
+            rows = np.arange(a, b)
+            k = run[np.searchsorted(s[run], rows, side="right") - 1]
+            yield arr[a:b], chosen[k], rows - s[k]
+            a = b
+
+
+def hook_arrays(group, hook: str) -> dict[int, str]:
+    """``{layer: array name}`` of a hook given by short name (``recurrence_out``, ``hook_beta``)
+    or a layer-relative name (``hook_resid_post``, ``attn.hook_z``); a full name gives one layer."""
+    names = [name for name, _ in group.arrays()]
+    if hook.startswith("blocks."):
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        return {int(m.group(1)): hook} if m and hook in names else {}
+    short = hook.removeprefix("hook_")
+    wanted = (rf"linear_attn\.hook_{re.escape(short)}", rf"hook_{re.escape(short)}", re.escape(hook))
+    found: dict[int, str] = {}
+    for tail in wanted:
+        for name in names:
+            m = re.fullmatch(rf"blocks\.(\d+)\.{tail}", name)
+            if m:
+                found.setdefault(int(m.group(1)), name)
+    return dict(sorted(found.items()))
+
+
+def _layers_with(group, hook: str, layer: int | None, option: str = "--layer") -> dict[int, str]:
+    found = hook_arrays(group, hook)
+    if not found:
+        raise GdnDumpError(f"the store has no {hook} array (store more hooks with extract --hooks)")
+    if layer is not None:
+        if layer not in found:
+            raise GdnDumpError(f"{option} {layer} has no {hook} in this store; layers with it: "
+                               f"{', '.join(map(str, found))}")
+        return {layer: found[layer]}
+    return found
+
+
+def _check_head(head: int | None, n_heads: int, what: str) -> None:
+    if head is not None and not 0 <= head < n_heads:
+        raise GdnDumpError(f"--head {head} is out of range: {what} has {n_heads} heads (0-{n_heads - 1})")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def half_life(g) -> np.ndarray:
+    """Half-life in tokens of a log decay g (< 0): ln(0.5) / g; g >= 0 is clipped to G_CEILING."""
+    return LN_HALF / np.minimum(np.asarray(g, dtype=np.float64), G_CEILING)
+
+
+def _values(kind: str, block) -> np.ndarray:
+    return half_life(block) if kind == "decay" else np.asarray(block, dtype=np.float64)
+
+
+def _hook_of(kind: str) -> str:
+    if kind not in ("decay", "beta"):
+        raise GdnDumpError(f"unknown statistic {kind!r}: decay or beta")
+    return "log_decay" if kind == "decay" else "beta"
+
+
+def layer_sample(group, kind: str, layer: int, prompt: int | None = None,
+                 max_rows: int = MAX_SAMPLE_ROWS) -> tuple[np.ndarray, int]:
+    """The owned rows of one layer's half-life (``decay``) or beta, [rows, heads] float64: every
+    row, or every k-th owned row (k = ceil(rows / max_rows)) when there are more. Also the
+    number of owned rows."""
+    name = _layers_with(group, _hook_of(kind), layer)[layer]
+    _check_prompt(group, prompt)
+    starts, lengths = _index(group)
+    total = int(lengths.sum() if prompt is None else lengths[prompt])
+    stride = max(1, math.ceil(total / max(1, max_rows)))
+    parts, seen = [], 0
+    for block, _, _ in owned_blocks(group, name, prompt):
+        first = (-seen) % stride
+        parts.append(_values(kind, block[first::stride]))
+        seen += len(block)
+    heads = group[name].shape[1]
+    return (np.concatenate(parts) if parts else np.empty((0, heads))), total
+
+
+def quantile_grid(group, kind: str, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+    """Per (head, GDN layer): median, 25th and 75th percentiles of the half-life in tokens
+    (``kind="decay"``) or of beta (``"beta"``): ``{"layers", "median", "q25", "q75"}`` with the
+    arrays [heads, layers]; plus ``rows`` (owned rows) and ``sampled`` (rows used per layer)."""
+    layers = list(_layers_with(group, _hook_of(kind), None))
+    stats, sampled, total = [], 0, 0
+    for layer in layers:
+        values, total = layer_sample(group, kind, layer, prompt, max_rows)
+        sampled = len(values)
+        stats.append(np.quantile(values, [0.5, 0.25, 0.75], axis=0) if len(values)
+                     else np.full((3, values.shape[1]), np.nan))
+    grid = np.stack(stats, axis=-1)  # [3, heads, layers]
+    return {"kind": kind, "layers": layers, "median": grid[0], "q25": grid[1], "q75": grid[2],
+            "rows": total, "sampled": sampled}
+
+
+def half_life_grid(group, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+    """:func:`quantile_grid` of the half-life ln(0.5)/g in tokens."""
+    return quantile_grid(group, "decay", prompt, max_rows)
+
+
+def beta_grid(group, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+    """:func:`quantile_grid` of beta (write strength, 0-1)."""
+    return quantile_grid(group, "beta", prompt, max_rows)
+
+
+def distributions(group, kind: str, layer: int | None = None, head: int | None = None,
+                  prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+    """Per-head distributions of one layer (``layer``; only ``head`` if given), or one head's
+    distribution in every GDN layer (``head`` alone). Values are log10 half-life in tokens for
+    ``decay``, beta for ``beta``: ``{"axis": "head"|"layer", "labels", "values": [1-D arrays]}``."""
+    hook = _hook_of(kind)
+    layers = list(_layers_with(group, hook, layer))
+    n_heads = group[hook_arrays(group, hook)[layers[0]]].shape[1]
+    _check_head(head, n_heads, f"{hook} of layer {layers[0]}")
+    transform = np.log10 if kind == "decay" else (lambda x: x)
+    if layer is not None:
+        values, total = layer_sample(group, kind, layer, prompt, max_rows)
+        heads = list(range(n_heads)) if head is None else [head]
+        return {"kind": kind, "axis": "head", "layer": layer, "head": head, "labels": heads,
+                "values": [transform(values[:, h]) for h in heads], "rows": total, "sampled": len(values)}
+    columns = []
+    for each in layers:
+        values, total = layer_sample(group, kind, each, prompt, max_rows)
+        columns.append(transform(values[:, head]))
+    return {"kind": kind, "axis": "layer", "layer": None, "head": head, "labels": layers,
+            "values": columns, "rows": total, "sampled": len(columns[0]) if columns else 0}
+
+
+def norm_profile(group, hook: str = "recurrence_out", layer: int | None = None,
+                 head: int | None = None, prompt: int | None = None) -> dict:
+    """Mean over prompts of ||x[t]|| (L2 over all trailing dims) at each position t: one line per
+    layer that has ``hook``, or with ``layer`` one line per head (per-head norms, when the hook has
+    a head axis); ``head`` keeps that head's norm only (per layer without ``layer``). Prompts
+    shorter than t+1 do not count at t.
+    Returns ``{"labels", "mean": [lines, L_max], "count": [L_max], "names"}``."""
+    _check_prompt(group, prompt)
+    arrays = _layers_with(group, hook, layer)
+    starts, lengths = _index(group)
+    n_pos = int(lengths.max() if prompt is None else lengths[prompt]) if len(lengths) else 0
+    labels, means, count = [], [], np.zeros(n_pos)
+    for each, name in arrays.items():
+        arr = group[name]
+        dims = tuple(arr.metadata.dimension_names or ())
+        has_heads = arr.ndim >= 2 and len(dims) >= 2 and dims[1].endswith("head")
+        if head is not None and not has_heads:
+            raise GdnDumpError(f"--head: {name} has no head axis (its dims: {', '.join(dims)})")
+        per_head = has_heads and (layer is not None or head is not None)
+        if per_head:
+            _check_head(head, arr.shape[1], name)
+        heads = ([head] if head is not None else list(range(arr.shape[1]))) if per_head else [None]
+        sums, count = np.zeros((len(heads), n_pos)), np.zeros(n_pos)
+        for block, _, pos in owned_blocks(group, name, prompt):
+            x = block.astype(np.float32)
+            sq = (x * x).reshape(len(x), arr.shape[1], -1).sum(-1) if per_head else \
+                (x * x).reshape(len(x), -1).sum(-1)[:, None]
+            norms = np.sqrt(sq.astype(np.float64))
+            for i, h in enumerate(heads):
+                sums[i] += np.bincount(pos, norms[:, 0 if h is None else h], minlength=n_pos)
+            count += np.bincount(pos, minlength=n_pos)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.extend(sums / count)
+        labels.extend(f"layer {each}" if h is None else f"head {h}" if layer is not None
+                      else f"layer {each}, head {h}" for h in heads)
+    return {"hook": hook, "names": list(arrays.values()), "labels": labels,
+            "mean": np.array(means).reshape(len(labels), n_pos), "count": count}
+
+
+def attention_data(group, layer: int | None = None, head: int = 0, prompt: int = 0) -> dict:
+    """One prompt's attention matrix of one head, [n, n] (n = the prompt's length), its tokens."""
+    layers = sorted(int(m.group(1)) for name, _ in group.arrays()
+                    if (m := re.fullmatch(r"blocks\.(\d+)\.attn_matrix", name)))
+    if not layers:
+        raise GdnDumpError("the store has no attention matrices (blocks.<i>.attn_matrix); make them "
+                           "with attn-matrix or extract --attn-layers")
+    layer = layers[0] if layer is None else layer
+    if layer not in layers:
+        raise GdnDumpError(f"--layer {layer} has no attn_matrix in this store; layers with one: "
+                           f"{', '.join(map(str, layers))}")
+    arr = group[f"blocks.{layer}.attn_matrix"]
+    heads = [int(h) for h in arr.attrs.get("heads", range(arr.shape[1]))]
+    if head not in heads:
+        raise GdnDumpError(f"--head {head} is out of range: blocks.{layer}.attn_matrix has heads "
+                           f"{_ranges(heads)}")
+    _check_prompt(group, prompt)
+    starts, lengths = _index(group)
+    n = int(lengths[prompt])
+    if n == 0:
+        raise GdnDumpError(f"--prompt {prompt} has no stored tokens (skipped as too long)")
+    return {"layer": layer, "head": head, "prompt": prompt, "kind": arr.attrs.get("kind"),
+            "prompt_id": str(group["prompt_id"][prompt]),
+            "matrix": arr[prompt, heads.index(head), :n, :n],
+            "tokens": group["tokens"][int(starts[prompt]):int(starts[prompt]) + n]}
+
+
+def _ranges(values: list[int]) -> str:
+    return f"{values[0]}-{values[-1]}" if values == list(range(values[0], values[-1] + 1)) \
+        else ", ".join(map(str, values))
+
+
+def store_tokenizer(group):
+    """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be."""
+    model = (group.attrs.get("gdn_dump") or {}).get("model") or {}
+    name = model.get("name")
+    if not name:
+        return None
+    from .models import TINY_NAME, build_tiny_tokenizer, resolve_source
+
+    if name == TINY_NAME:
+        return build_tiny_tokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name), revision=model.get("revision"),
+                                                  local_files_only=True)
+        return tokenizer if len(tokenizer) > 1 else None
+    except Exception:  # not in the local cache (never downloaded here): label with token ids
+        return None

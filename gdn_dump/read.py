@@ -1,0 +1,519 @@
+"""Reading a store back: prompts, their hook rows, an xarray view, and chunk-aware training batches.
+
+:func:`open_store` opens a store (a local directory or ``s3://...``) read-only as a :class:`Store`.
+Everything goes through ``prompt_start`` / ``prompt_length`` (the store contract, DESIGN.md
+section 4): rows between regions that no prompt owns (alignment gaps) are never shown.
+
+A store still ``in_progress`` (a run stopped mid-way, or processes still writing) shows only the
+prompts its progress ledger says are on disk: in each region, those below the record's
+``resume_from`` (a region without a record shows nothing). Other prompts' rows may be zeros or
+half written, so reading them raises :class:`StoreError`.
+
+Nothing here loads the whole store: hook arrays stay lazy zarr arrays, the xarray view is lazy,
+and :meth:`Store.iter_batches` holds a few chunk-aligned blocks at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import StoreError
+from .ledger import read_record, ready_info
+from .store import ATTR, COMPLETE, open_group
+
+TOKEN_DIM = "token"
+PROMPT_DIM = "prompt"
+GAP = -1  # the prompt and position of a row no (finished) prompt owns
+# Most bytes of all selected arrays read in one block (the unit of reading and of shuffling).
+BLOCK_BYTES = 64 << 20
+_XARRAY_HINT = "pip install 'gdn-dump[xarray]'"
+
+__all__ = ["open_store", "Store", "PromptRecord", "TorchBatches", "StoreError"]
+
+
+def open_store(path_or_url: str | Path) -> Store:
+    """Open a gdn-dump store read-only: a local directory or a URL such as ``s3://bucket/prefix``."""
+    return Store(path_or_url)
+
+
+class Store:
+    """A gdn-dump store opened read-only.
+
+    A mapping of array names to lazy zarr arrays (``store["tokens"]``, ``len(store)``,
+    ``name in store``), plus per-prompt access (:meth:`prompt`), an xarray view
+    (:meth:`to_xarray`) and training batches (:meth:`iter_batches`, :meth:`torch_dataset`).
+    Status and visible prompts are a snapshot taken when the store is opened.
+    """
+
+    def __init__(self, path_or_url: str | Path):
+        self.path = str(path_or_url)
+        self._group = open_group(path_or_url, "r")
+        self._arrays: dict[str, Any] = {}  # opened once: on s3 each opening is a metadata request
+        self.provenance: dict = dict(self._group.attrs[ATTR])
+        self.status: str = self.provenance.get("status", "unknown")
+        # [n_prompts] each: small next to the rows (16 bytes a prompt), and needed by every read.
+        self.prompt_start = np.asarray(self["prompt_start"][:], dtype=np.int64)
+        self.prompt_length = np.asarray(self["prompt_length"][:], dtype=np.int64)
+        self.n_prompts = int(self.prompt_start.shape[0])
+        self.n_rows = int(self["tokens"].shape[0])
+        self.visible = self._finished_prompts()
+        self._owners = RowOwners(self.prompt_start, self.prompt_length, self.visible)
+
+    # ---- what the store holds -----------------------------------------------------------------
+
+    @cached_property
+    def _dims(self) -> dict[str, tuple[str, ...]]:
+        self._arrays.update(self._group.arrays())  # one listing opens them all
+        return {name: tuple(arr.metadata.dimension_names or ()) for name, arr in self._arrays.items()}
+
+    @cached_property
+    def hooks(self) -> list[str]:
+        """Names of the stored per-token hook arrays ``[n_rows, ...]``, in provenance order."""
+        listed = self.provenance.get("hooks") or sorted(self._dims)
+        return [name for name in listed
+                if name != "tokens" and self._dims.get(name, ("",))[0] == TOKEN_DIM]
+
+    @cached_property
+    def matrices(self) -> list[str]:
+        """Names of the attention-matrix arrays ``[n_prompts, heads, L, L]`` (possibly none)."""
+        return sorted(name for name, dims in self._dims.items()
+                      if len(dims) == 4 and dims[0] == PROMPT_DIM)
+
+    @cached_property
+    def prompt_ids(self) -> list[str]:
+        return [str(v) for v in self["prompt_id"][:]]
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer of the model in the provenance, loaded without any network; None if it
+        cannot be loaded here (not in the local cache, a checkpoint directory gone, ...)."""
+        model = self.provenance.get("model") or {}
+        return load_tokenizer_offline(model.get("name"), model.get("revision"))
+
+    def __getitem__(self, name: str):
+        """The lazy zarr array ``name`` (slicing it reads only the chunks it touches)."""
+        if name not in self._dims:
+            raise KeyError(f"{name!r}: no such array in {self.path}")
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._dims
+
+    def __len__(self) -> int:
+        return len(self._dims)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._dims))
+
+    def __repr__(self) -> str:
+        return (f"<gdn_dump Store {self.path}: {self.status}, {len(self.visible)}/{self.n_prompts} "
+                f"prompts visible, {self.n_rows} rows, {len(self.hooks)} hooks, "
+                f"{len(self.matrices)} matrices>")
+
+    # ---- prompts ------------------------------------------------------------------------------
+
+    def _finished_prompts(self) -> np.ndarray:
+        """Sorted indices of the prompts whose rows are all on disk."""
+        if self.status == COMPLETE:
+            return np.arange(self.n_prompts, dtype=np.int64)
+        info = ready_info(self._group)
+        if info is None:  # the creator never finished creating it: nothing was written
+            return np.zeros(0, dtype=np.int64)
+        parts = [np.zeros(0, dtype=np.int64)]
+        for region, (lo, hi) in enumerate(info.get("regions") or []):
+            record = read_record(self._group, region)
+            if not record:
+                continue  # this region's process never recorded progress: nothing is known on disk
+            end = hi if record.get("done") else min(int(record.get("resume_from", lo)), hi)
+            parts.append(np.arange(lo, max(lo, end), dtype=np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def _index(self, p: int) -> int:
+        p = int(p)
+        if not -self.n_prompts <= p < self.n_prompts:
+            raise IndexError(f"prompt {p} out of range: {self.path} holds {self.n_prompts} prompts")
+        return p % self.n_prompts
+
+    def is_visible(self, p: int) -> bool:
+        p = self._index(p)
+        i = np.searchsorted(self.visible, p)
+        return bool(i < len(self.visible) and self.visible[i] == p)
+
+    def rows(self, p: int) -> slice:
+        """Rows ``[start, start + length)`` of prompt ``p`` (a finished one)."""
+        p = self._index(p)
+        if not self.is_visible(p):
+            raise StoreError(f"prompt {p} of {self.path} is not finished: the store is "
+                             f"{self.status} and its rows are not all written yet "
+                             f"({len(self.visible)} of {self.n_prompts} prompts are); "
+                             "finish the run with --resume")
+        start = int(self.prompt_start[p])
+        return slice(start, start + int(self.prompt_length[p]))
+
+    def prompt(self, p: int) -> PromptRecord:
+        """Prompt ``p``: its id, token ids ``[n]`` int32, text, and its rows of every hook."""
+        rows = self.rows(p)
+        p = self._index(p)
+        token_ids = np.asarray(self["tokens"][rows], dtype=np.int32)
+        return PromptRecord(self, p, self.prompt_ids[p], token_ids, rows)
+
+    # ---- views --------------------------------------------------------------------------------
+
+    def hook_names(self, hooks: str | list[str] | tuple[str, ...] | None) -> list[str]:
+        """``hooks`` checked against the stored per-token hooks (None: all of them)."""
+        if hooks is None:
+            return list(self.hooks)
+        names = [hooks] if isinstance(hooks, str) else list(hooks)
+        unknown = [n for n in names if n not in self.hooks]
+        if unknown:
+            raise StoreError(f"{', '.join(map(repr, unknown))}: not a per-token hook array of "
+                             f"{self.path}; it has {', '.join(self.hooks) or 'none'}")
+        return names
+
+    def to_xarray(self, chunks: Any = None):
+        """The store as an ``xarray.Dataset``, read lazily (dask is not needed).
+
+        Coordinates on ``token``: ``prompt`` (int64 prompt index of each row) and ``position``
+        (0-based position in its prompt), both -1 on rows no finished prompt owns (alignment gaps,
+        and on an ``in_progress`` store the rows of unfinished prompts). On ``prompt``:
+        ``prompt_id``, ``prompt_start``, ``prompt_length`` and ``finished`` (bool). Select a
+        prompt's rows with ``ds[hook].isel(token=ds.prompt.values == p)``. ``chunks`` goes to
+        ``xarray.open_zarr`` (give ``{}`` for dask arrays when dask is installed).
+        """
+        try:
+            import xarray as xr
+        except ImportError as exc:
+            raise ImportError(f"Store.to_xarray needs xarray: {_XARRAY_HINT}") from exc
+        # The group's own zarr store: the same (possibly remote) place, already open read-only.
+        ds = xr.open_zarr(self._group.store, consolidated=False, chunks=chunks)
+        finished = np.zeros(self.n_prompts, dtype=bool)
+        finished[self.visible] = True
+        ds = ds.set_coords([n for n in ("prompt_id", "prompt_start", "prompt_length") if n in ds])
+        return ds.assign_coords(
+            prompt=xr.Variable((TOKEN_DIM,), _lazy(self._owners, self.n_rows, 0)),
+            position=xr.Variable((TOKEN_DIM,), _lazy(self._owners, self.n_rows, 1)),
+            finished=((PROMPT_DIM,), finished),
+        )
+
+    def block_rows(self, names: list[str], batch_tokens: int, block_tokens: int | None = None,
+                   budget_bytes: int = BLOCK_BYTES) -> int:
+        """Rows of one read block for arrays ``names`` (plus ``tokens``): whole chunks of each (see
+        :func:`chunk_unit`), as many as make about ``block_tokens`` (default ``batch_tokens``) rows."""
+        arrays = [self[n] for n in ["tokens", *names]]
+        unit = chunk_unit([a.chunks[0] for a in arrays], _row_bytes(arrays), budget_bytes)
+        want = block_tokens or min(batch_tokens, max(1, budget_bytes // max(_row_bytes(arrays), 1)))
+        return max(unit, want // unit * unit)
+
+    def iter_batches(self, hooks: str | list[str] | None = None, batch_tokens: int = 4096,
+                     shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False,
+                     worker: int = 0, num_workers: int = 1, shuffle_blocks: int = 4,
+                     block_tokens: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the owned rows of the finished prompts, each row exactly once per epoch.
+
+        Yields ``{hook: [b, ...], "tokens": [b] int32, "prompt": [b] int64, "position": [b] int64}``
+        with ``b == batch_tokens`` (the last batch may be shorter unless ``drop_last``).
+
+        The store is read in blocks of whole chunks (a multiple of every read array's chunk rows,
+        near ``batch_tokens`` rows or ``block_tokens`` if given), so every read is sequential
+        within chunks. With ``shuffle`` the order of blocks is permuted (seeded by ``seed`` and
+        ``epoch``) and rows are shuffled within windows of ``shuffle_blocks`` blocks: memory stays
+        a few blocks, never the store. Worker ``worker`` of ``num_workers`` takes the permuted
+        blocks ``worker, worker + num_workers, ...``: workers never overlap and together cover
+        every row.
+        """
+        names = self.hook_names(hooks)
+        for what, value in (("batch_tokens", batch_tokens), ("num_workers", num_workers),
+                            ("shuffle_blocks", shuffle_blocks), ("block_tokens", block_tokens or 1)):
+            if int(value) < 1:
+                raise ValueError(f"{what} must be at least 1, not {value}")
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker must be in [0, {num_workers}), not {worker}")
+        rows = self.block_rows(names, batch_tokens, block_tokens)
+        blocks = self._owners.blocks(rows)
+        if shuffle:
+            # Every worker permutes the same way (same seed and epoch), so their shares are disjoint.
+            blocks = np.random.default_rng([seed, epoch]).permutation(blocks)
+        mine = blocks[worker::num_workers]
+        rng = np.random.default_rng([seed, epoch, worker + 1]) if shuffle else None
+        return self._batches(names, mine, rows, batch_tokens, shuffle_blocks, rng, drop_last)
+
+    def torch_dataset(self, hooks: str | list[str] | None = None, batch_tokens: int = 4096,
+                      shuffle: bool = True, seed: int = 0, **options) -> TorchBatches:
+        """A ``torch.utils.data.IterableDataset`` of :meth:`iter_batches` as torch tensors.
+
+        Use it with ``DataLoader(ds, batch_size=None, num_workers=...)``: each DataLoader worker
+        (and, with ``rank``/``world_size``, each process) reads its own blocks. Call
+        ``ds.set_epoch(e)`` before each epoch to reshuffle (workers get a fresh copy of the
+        dataset each epoch unless ``persistent_workers=True``, which would keep the old epoch).
+        ``options``: ``drop_last``, ``shuffle_blocks``, ``block_tokens``, ``rank``, ``world_size``.
+        """
+        return _torch_batches()(self.path, hooks=self.hook_names(hooks), batch_tokens=batch_tokens,
+                                shuffle=shuffle, seed=seed, **options)
+
+    # ---- reading blocks -----------------------------------------------------------------------
+
+    def _batches(self, names, blocks, rows, batch_tokens, shuffle_blocks, rng, drop_last):
+        arrays = {name: self[name] for name in ["tokens", *names]}
+        carry: dict[str, np.ndarray] | None = None
+        for w in range(0, len(blocks), shuffle_blocks):
+            # Within a window the order does not matter (rows are shuffled): read it in row order.
+            window = [self._read_block(int(b), rows, arrays) for b in sorted(blocks[w:w + shuffle_blocks])]
+            part = _concat(([carry] if carry else []) + window)
+            if rng is not None:  # the carried rows join the shuffle: they were never yielded
+                order = rng.permutation(_length(part))
+                part = {k: v[order] for k, v in part.items()}
+            n = _length(part)
+            full = n // batch_tokens * batch_tokens
+            for lo in range(0, full, batch_tokens):
+                yield {k: v[lo:lo + batch_tokens] for k, v in part.items()}
+            # A copy, so the window's arrays are freed and memory stays bounded.
+            carry = {k: v[full:].copy() for k, v in part.items()} if full < n else None
+        if carry and not drop_last:
+            yield carry
+
+    def _read_block(self, block: int, rows: int, arrays: dict) -> dict[str, np.ndarray]:
+        """The owned rows of block ``block`` (rows ``[block * rows, (block + 1) * rows)``)."""
+        lo = block * rows
+        hi = min(lo + rows, self.n_rows)
+        prompt, position = self._owners.at(np.arange(lo, hi, dtype=np.int64))
+        keep = np.flatnonzero(prompt != GAP)  # never empty: only blocks with owned rows are read
+        out = {"prompt": prompt[keep], "position": position[keep]}
+        # Only the span of owned rows: the same chunks, fewer bytes copied at a region's edge.
+        first, last = lo + int(keep[0]), lo + int(keep[-1]) + 1
+        keep -= int(keep[0])
+        for name, arr in arrays.items():  # "tokens" and the hooks
+            out[name] = np.asarray(arr[first:last])[keep]
+        return out
+
+
+class PromptRecord:
+    """One finished prompt: ``index``, ``id``, ``token_ids`` ``[n]`` int32, ``text`` (or None).
+
+    ``record[hook]`` reads that hook's rows ``[n, ...]`` (once, then kept);
+    ``record.matrix(name)`` reads an attention matrix ``[heads, n, n]``.
+    """
+
+    def __init__(self, store: Store, index: int, id: str, token_ids: np.ndarray, rows: slice):
+        self.index = index
+        self.id = id
+        self.token_ids = token_ids
+        self.rows = rows
+        self._store = store
+        self._read: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def __repr__(self) -> str:
+        return f"<PromptRecord {self.index} id={self.id!r}: {len(self)} tokens>"
+
+    @property
+    def hooks(self) -> list[str]:
+        return self._store.hooks
+
+    @cached_property
+    def text(self) -> str | None:
+        """The token ids decoded with the run's tokenizer (None when it cannot be loaded here)."""
+        tokenizer = self._store.tokenizer
+        return None if tokenizer is None else tokenizer.decode(self.token_ids.tolist())
+
+    def __getitem__(self, hook: str) -> np.ndarray:
+        if hook not in self._read:
+            if hook not in self._store.hooks:
+                hint = " (an attention matrix: use .matrix(name))" if hook in self._store.matrices else ""
+                raise KeyError(f"{hook!r} is not a per-token hook of {self._store.path}{hint}")
+            self._read[hook] = np.asarray(self._store[hook][self.rows])
+        return self._read[hook]
+
+    def matrix(self, name: str) -> np.ndarray:
+        """Attention matrix ``name`` of this prompt: ``[heads, n, n]`` (query, key)."""
+        if name not in self._store.matrices:
+            raise KeyError(f"{name!r} is not an attention matrix of {self._store.path}; it has "
+                           f"{', '.join(self._store.matrices) or 'none'}")
+        n = len(self)
+        return np.asarray(self._store[name][self.index, :, :n, :n])
+
+
+class RowOwners:
+    """Which prompt owns each row, for the given (finished) prompts; other rows are gaps."""
+
+    def __init__(self, starts: np.ndarray, lengths: np.ndarray, prompts: np.ndarray):
+        prompts = prompts[lengths[prompts] > 0]  # a prompt with no tokens owns no row
+        self.prompts = prompts[np.argsort(starts[prompts], kind="stable")]
+        self.starts = starts[self.prompts]
+        self.ends = self.starts + lengths[self.prompts]  # sorted too: prompts never overlap
+
+    def at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(prompt, position)`` of each of ``rows`` ``[m]``: int64 ``[m]``, -1 on gaps."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.prompts):
+            return np.full(rows.shape, GAP, np.int64), np.full(rows.shape, GAP, np.int64)
+        i = np.maximum(np.searchsorted(self.starts, rows, side="right") - 1, 0)
+        owned = (rows >= self.starts[i]) & (rows < self.ends[i])
+        return (np.where(owned, self.prompts[i], GAP),
+                np.where(owned, rows - self.starts[i], GAP))
+
+    def blocks(self, rows: int) -> np.ndarray:
+        """Sorted indices of the blocks of ``rows`` rows that hold at least one owned row."""
+        first, last = self.starts // rows, (self.ends - 1) // rows
+        counts = last - first + 1
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.unique(np.repeat(first, counts) + offsets)
+
+
+def chunk_unit(chunk_rows: list[int], row_bytes: int, budget_bytes: int = BLOCK_BYTES) -> int:
+    """The smallest block that is whole chunks of every array: the lcm of their chunk rows.
+
+    Arrays of very different row sizes get very different chunk rows (chunks are ~4 MiB), and
+    their lcm can hold far more than ``budget_bytes`` of all arrays: then the largest chunk that
+    fits (or the smallest chunk). Arrays with bigger chunks are then read a part of a chunk at a
+    time; they are the ones with small rows, so the extra bytes read stay small.
+    """
+    unit = math.lcm(*chunk_rows)
+    if unit * row_bytes <= budget_bytes:
+        return unit
+    fitting = [c for c in chunk_rows if c * row_bytes <= budget_bytes]
+    return max(fitting) if fitting else min(chunk_rows)
+
+
+def _row_bytes(arrays) -> int:
+    return sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in arrays)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _length(part: dict[str, np.ndarray]) -> int:
+    return int(part["tokens"].shape[0])
+
+
+# ---- the tokenizer, offline -------------------------------------------------------------------
+
+def load_tokenizer_offline(name: str | None, revision: str | None = None):
+    """The tokenizer of model ``name`` from local files only (``tiny``: built in); None if that
+    fails. Never downloads: a reader must not reach the network to show text."""
+    if not name:
+        return None
+    from .models import TINY_NAME, build_tiny_tokenizer, resolve_source
+
+    if name == TINY_NAME:
+        return build_tiny_tokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        # local_files_only: the Hugging Face cache or a checkpoint directory, never a request;
+        # no trust_remote_code: reading a store must not run a checkpoint's code.
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name), revision=revision,
+                                                  local_files_only=True)
+    except Exception:  # not cached, directory gone, remote code needed, ...: no text, not an error
+        return None
+    return tokenizer if len(tokenizer) >= 2 else None
+
+
+# ---- lazy coordinates for xarray --------------------------------------------------------------
+
+def _lazy(owners: RowOwners, n_rows: int, which: int):
+    """Coordinate ``prompt`` (``which=0``) or ``position`` (1) ``[n_rows]`` computed per request,
+    so a billion-row store does not get two billion-entry coordinates in memory."""
+    from xarray.backends import BackendArray
+    from xarray.core import indexing
+
+    class OwnerArray(BackendArray):
+        def __init__(self):
+            self.shape = (n_rows,)
+            self.dtype = np.dtype(np.int64)
+
+        def __getitem__(self, key):
+            return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
+                                                      self._raw)
+
+        def _raw(self, key: tuple):
+            (k,) = key
+            rows = np.arange(*k.indices(n_rows)) if isinstance(k, slice) else np.asarray(k)
+            return owners.at(rows)[which]
+
+    return indexing.LazilyIndexedArray(OwnerArray())
+
+
+# ---- torch ------------------------------------------------------------------------------------
+
+def _torch_batches_class():
+    """Define :class:`TorchBatches` on first use: importing this module does not import torch."""
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class TorchBatches(IterableDataset):
+        """:meth:`Store.iter_batches` as torch tensors, split across DataLoader workers.
+
+        Holds the store's path, not the open store: it pickles cleanly for spawned workers, and
+        each worker process opens its own store (its own connections for ``s3://``).
+        """
+
+        def __init__(self, path: str, hooks: list[str] | None = None, batch_tokens: int = 4096,
+                     shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                     shuffle_blocks: int = 4, block_tokens: int | None = None,
+                     rank: int = 0, world_size: int = 1):
+            super().__init__()
+            self.path = str(path)
+            self.hooks = hooks
+            self.batch_tokens, self.shuffle, self.seed = batch_tokens, shuffle, seed
+            self.drop_last, self.shuffle_blocks, self.block_tokens = drop_last, shuffle_blocks, block_tokens
+            self.rank, self.world_size = rank, world_size
+            self.epoch = 0
+            self._store: Store | None = None
+            self._pid: int | None = None
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __getstate__(self) -> dict:
+            return {**self.__dict__, "_store": None, "_pid": None}
+
+        def store(self) -> Store:
+            if self._store is None or self._pid != os.getpid():  # never share one across a fork
+                self._store, self._pid = open_store(self.path), os.getpid()
+            return self._store
+
+        def __iter__(self):
+            info = get_worker_info()
+            wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+            batches = self.store().iter_batches(
+                self.hooks, batch_tokens=self.batch_tokens, shuffle=self.shuffle, seed=self.seed,
+                epoch=self.epoch, drop_last=self.drop_last, worker=self.rank * n + wid,
+                num_workers=self.world_size * n, shuffle_blocks=self.shuffle_blocks,
+                block_tokens=self.block_tokens)
+            for batch in batches:
+                yield {k: _tensor(torch, v) for k, v in batch.items()}
+
+    TorchBatches.__qualname__ = "TorchBatches"  # pickle finds it as gdn_dump.read.TorchBatches
+    return TorchBatches
+
+
+def _tensor(torch, array: np.ndarray):
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch.from_numpy does not know it
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _torch_batches():
+    """The class :class:`TorchBatches`, defined once (a module attribute, so pickle finds it)."""
+    if "TorchBatches" not in globals():
+        globals()["TorchBatches"] = _torch_batches_class()
+    return globals()["TorchBatches"]
+
+
+def __getattr__(name: str):
+    if name == "TorchBatches":
+        return _torch_batches()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
