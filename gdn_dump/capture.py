@@ -23,6 +23,7 @@ from .bfloat16 import to_storage_numpy
 from .catalogue import ATTENTION_MATRIX, MODEL, HookSpec
 from .errors import RunFailure
 from .plan import SCALAR_DTYPE
+from .stats_device import batch_stats
 
 OVERFLOW, NONFINITE = "overflow", "nonfinite"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +44,7 @@ class CapturedBatch:
     ready: torch.cuda.Event | None = None
     residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per prompt
     empty: list[int] = field(default_factory=list)  # prompts without tokens, riding along
+    stat_values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [H, K] moments (CUDA)
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -66,11 +68,14 @@ class Capture:
     """Runs prefill on padded batches and collects the selected hooks."""
 
     def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device,
-                 attention=None):
+                 attention=None, stats: dict | None = None):
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
         self.attention = attention  # an attn_capture.AttentionCapture, or None
+        # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
+        # (see stats_device) instead of on the host; None: the host computes them
+        self.stats = stats or {}
         self.dtypes = {h.name: SCALAR_DTYPE if h.scalar else storage_dtype for h in hooks}
         attn_layers = [a.layer for a in attention.layers] if attention else []
         self.stop_at_layer = _stop_layer(hooks, attn_layers)
@@ -143,6 +148,9 @@ class Capture:
                 rows = rows.index_select(0, self._index)
             cast = rows.to(dtype)
             self._count_values(spec.name, rows, cast)
+            if spec.name in self.stats:
+                moments = batch_stats(cast, self.stats[spec.name])
+                self._batch.stat_values[spec.name] = self._to_host(moments)
             self._batch.rows[spec.name] = self._to_host(cast)
         return keep_rows
 

@@ -19,6 +19,7 @@ from .capture import NONFINITE, OVERFLOW, CapturedBatch
 from .errors import RunFailure
 from .plan import Plan
 from .stats import ArrayStats, for_arrays, snapshot
+from .stats_device import merge_packed
 from .writer import BackgroundWorker, RowWriter
 
 
@@ -34,6 +35,7 @@ class _HeldBatch:
     rows: dict[str, np.ndarray]  # array name -> [n_rows, ...] host rows of one batch
     nbytes: int
     remaining: int  # prompts not yet handed to the writer
+    stats_done: bool = False  # its statistics came from the device: not accumulated again here
 
 
 @dataclass
@@ -86,7 +88,11 @@ class BatchSink(BackgroundWorker):
         batch.wait()
         self._tally(batch)  # before any of its rows are written: --fail-on-nonfinite stops here
         rows = {"tokens": batch.tokens, **dict(batch.numpy_rows())}
-        held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts))
+        held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts),
+                          stats_done=bool(batch.stat_values))
+        for name, moments in batch.stat_values.items():  # the batch's rows: all stored by the
+            if name in self.stats:                        # next unit end, before its snapshot
+                merge_packed(self.stats[name], moments.numpy())
         self.held_bytes += held.nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         offsets = np.concatenate([[0], np.cumsum(batch.lengths)]).tolist()
@@ -116,7 +122,7 @@ class BatchSink(BackgroundWorker):
                 self.writer.append("tokens", held.rows["tokens"][rows])
                 for name in self.token_arrays:
                     self.writer.append(name, held.rows[name][rows])
-                    if name in self.stats:
+                    if name in self.stats and not held.stats_done:
                         self.stats[name].accumulate(held.rows[name][rows])
                 held.remaining -= len(run)
                 if held.remaining == 0:

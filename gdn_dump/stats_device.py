@@ -56,7 +56,8 @@ def _histogram(x: torch.Tensor, finite: torch.Tensor, template: ArrayStats) -> t
         _EDGES[key] = torch.as_tensor(HISTOGRAMS[kind], dtype=torch.float64, device=x.device)
     edges = _EDGES[key]
     if kind == "half_life":  # ln(0.5)/g for g < 0; a g >= 0 never halves: above every edge
-        x = torch.where(x < 0, LN_HALF / torch.where(x < 0, x, -1.0), math.inf)
+        # a true division (scalar / tensor is a reciprocal and a product: another rounding)
+        x = torch.where(x < 0, torch.full_like(x, LN_HALF) / torch.where(x < 0, x, -1.0), math.inf)
     # right=True: edges[i-1] <= x < edges[i] -> i, so category i is bin i-1 (0: below, len: above)
     cat = torch.bucketize(x, edges, right=True)
     cat = torch.where(x == edges[-1], len(edges) - 1, cat)  # the last bin is closed

@@ -20,10 +20,12 @@ of ``--batch-size`` prompts:
   layers + lm_head), then per hook drop padding, cast to the store's dtype and
   ``zarr.Array.append`` the batch to arrays created with shape ``(0, ...)``, extract's chunks and
   no compressor.
-- ``extract``: ``gdn_dump.pipeline.extract`` with default options (TensorStore writer) into a
+- ``extract``: ``gdn_dump.pipeline.extract`` with default options but ``--no-stats`` (the same work
+  as the naive peer: capture and write), TensorStore writer, into a
   temporary directory; the whole call is timed (planning, store creation, capture, writing,
   finalising). ``extract+sync`` is the same run plus an ``os.sync()`` right after it, so the store
-  is on disk, not only in the page cache.
+  is on disk, not only in the page cache. ``extract_stats``: the default run, with the per-head
+  statistics (on the CPU, float64 on the sink thread), to show their cost.
 - ``disk_dd``: a raw sequential write of the store's byte count (``plan.total_bytes``) into the same
   directory: 8 MiB blocks of random bytes generated once, ``os.write`` then ``fsync``, timed with
   the fsync: the disk bandwidth.
@@ -390,6 +392,9 @@ def main_case(args, tmp: Path, block: bytes) -> None:
             "bridge_in_memory": lambda out: run_in_memory(model, batches, names, mem_stop),
             "naive": lambda out: run_naive(model, batches, specs, out),
             "extract": lambda out: extract_synced(
+                lambda o: run_extract(model, prompts, o, args.batch_size, args.dtype, stats=False), out),
+            # the default run: plus the per-head statistics (on the CPU, the sink thread's float64)
+            "extract_stats": lambda out: extract_synced(
                 lambda o: run_extract(model, prompts, o, args.batch_size, args.dtype), out),
         }
 
@@ -406,6 +411,8 @@ def main_case(args, tmp: Path, block: bytes) -> None:
     target_line("extract / bridge_in_memory", med["bridge_in_memory"] / med["extract"], 0.95, "")
     target_line("extract / naive", med["naive"] / med["extract"], 1.3, "")
     print(f"extract+sync / bare_forward = {med['bare_forward'] / med['extract+sync']:.2f}")
+    print(f"extract_stats / extract = {med['extract'] / med['extract_stats']:.2f} (the default "
+          "per-head statistics on the CPU; --no-stats skips them, on a GPU they run on the device)")
     disk_lines(times, nbytes)
     check_same(tmp / "naive.zarr", tmp / "extract.zarr", hooks, token_lists)
     for name in timed:
@@ -427,7 +434,7 @@ def io_case(args, tmp: Path, block: bytes) -> None:
           f"{model.config.hidden_size}), all {len(plan.hooks)} GDN hooks ({len(GDN_HOOKS)} x "
           f"{len({h.layer for h in plan.hooks})} layers), float32, {args.io_prompts} prompts x "
           f"{args.io_seq_len} tokens = {n_tokens} tokens, store {nbytes / 1e6:.1f} MB")
-    run = lambda out: run_extract(model, prompts, out, args.batch_size, "float32", hooks)  # noqa: E731
+    run = lambda out: run_extract(model, prompts, out, args.batch_size, "float32", hooks, stats=False)  # noqa: E731
     batches = padded_batches(token_lists, args.batch_size, model.tokenizer.pad_token_id or 0)
     names = [h.name for h in plan.hooks]
     contenders = {

@@ -310,3 +310,27 @@ def test_inspect_prints_the_stats_table(clean):
     assert "statistics" in result.output and "mean L2" in result.output
     assert "blocks.0.hook_resid_post" in result.output
     assert "median half-life" in result.output
+
+
+def test_statistics_reduced_on_the_device_path_equal_numpy(tiny, tmp_path, monkeypatch):
+    """The path a GPU run takes (per-batch moments next to the capture hooks, merged by the sink),
+    forced on the CPU: the store's statistics are the same as from the host accumulator."""
+    import gdn_dump.pipeline as pipeline
+    from gdn_dump.stats import ArrayStats
+
+    merged_on_host = []
+    real = ArrayStats.accumulate
+    monkeypatch.setattr(ArrayStats, "accumulate", lambda self, rows: merged_on_host.append(1) or real(self, rows))
+    monkeypatch.setattr(pipeline, "stats_on_device", lambda device: True)
+    out = tmp_path / "d.zarr"
+    _extract(tiny, _prompts(tmp_path / "p.jsonl"), out)
+    assert not merged_on_host  # nothing accumulated twice
+    assert_store_stats_match_numpy(out)
+
+
+def test_no_stats_writes_none(tiny, tmp_path):
+    out = tmp_path / "n.zarr"
+    _extract(tiny, _prompts(tmp_path / "p.jsonl"), out, stats=False)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.attrs["gdn_dump"]["status"] == "complete"
+    assert not any("stats" in group[name].attrs for name in group.array_keys())
