@@ -173,6 +173,21 @@ def extract_agreement(model, tmp: Path):
                 worst, worst_name = err, name
     log(f"extract on {model.device.type} vs run_with_cache of the same padded batch: worst relative "
         f"error {worst_same:.2e}")
+    # the statistics were reduced on the device (stats_device): against numpy over the stored rows
+    from gdn_dump.stats import naive
+
+    stats_worst = 0.0
+    for name in names:
+        arr = group[name]
+        rows = np.concatenate([arr[int(s):int(s) + int(n)] for s, n in
+                               zip(group["prompt_start"][:], group["prompt_length"][:])])
+        got, want = arr.attrs["stats"], naive(rows, arr.metadata.dimension_names, name)
+        for key in ("mean", "std", "mean_l2", "min", "max"):
+            a, b = np.array(got[key], float), np.array(want[key], float)
+            stats_worst = max(stats_worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30))))
+        assert got["count"] == want["count"], name
+    log(f"statistics reduced on the device vs numpy float64 over the stored rows: worst relative "
+        f"difference {stats_worst:.2e} (counts equal)")
     log(f"extract on {model.device.type} (batched, padded, bfloat16 model, float32 storage, status "
         f"{result.status}) vs run_with_cache of each prompt alone: worst relative error "
         f"{worst:.2e} over every default hook ({worst_name}; bfloat16 rounding that differs with "
