@@ -257,20 +257,9 @@ def _ranges(values: list[int]) -> str:
 
 
 def store_tokenizer(group):
-    """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be."""
+    """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be
+    (then labels are token ids)."""
+    from .read import load_tokenizer_offline
+
     model = (group.attrs.get("gdn_dump") or {}).get("model") or {}
-    name = model.get("name")
-    if not name:
-        return None
-    from .models import TINY_NAME, build_tiny_tokenizer, resolve_source
-
-    if name == TINY_NAME:
-        return build_tiny_tokenizer()
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name), revision=model.get("revision"),
-                                                  local_files_only=True)
-        return tokenizer if len(tokenizer) > 1 else None
-    except Exception:  # not in the local cache (never downloaded here): label with token ids
-        return None
+    return load_tokenizer_offline(model.get("name"), model.get("revision"))

@@ -12,7 +12,6 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +45,10 @@ from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
 from .stats import for_arrays, from_json, to_json
 from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
+from .tokens import describe, tokenized, tokenized_blocks
 from .workers import Barrier, WorkSplit, detect_split, split_regions
 from .writer import WRITERS, RowWriter
 
-TOKENIZE_BLOCK = 512
 ON_LONG = ("truncate", "skip", "error")
 
 
@@ -250,7 +249,7 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
     lengths = np.empty(source.count, dtype=np.int64)
     raw = np.empty(source.count, dtype=np.int64)
-    for start, token_lists, raw_lengths in _tokenized_blocks(source, tokenizer, opts.max_length,
+    for start, token_lists, raw_lengths in tokenized_blocks(source, tokenizer, opts.max_length,
                                                              opts.on_long):
         lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
         raw[start:start + len(token_lists)] = raw_lengths
@@ -258,7 +257,7 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     if opts.on_long == "error" and long.any():
         first = int(np.argmax(long))
         raise GdnDumpError(
-            f"{source.display}: prompt {_describe(source, first)} has {int(raw[first])} tokens, over "
+            f"{source.display}: prompt {describe(source, first)} has {int(raw[first])} tokens, over "
             f"--max-length {opts.max_length} ({int(long.sum())} prompt(s) in all); pass --on-long "
             "truncate or skip to go on"
         )
@@ -280,66 +279,6 @@ def plan_units(opts: ExtractOptions, plan: Plan, items=None):
         items = ((p, range(n)) for p, n in enumerate(plan.prompt_lengths.tolist()))
     return units(items, opts.batch_size, opts.max_batch_tokens, window_tokens(opts, plan),
                  plan.prompt_chunk)
-
-
-def _describe(source, index: int) -> str:
-    """``3 (line 4, id 'x')``: where a prompt is, for error messages."""
-    for prompt in source:
-        if prompt.index == index:
-            return f"{index} (line {prompt.line}, id {prompt.id!r})"
-    return str(index)
-
-
-def _tokenized_blocks(source: Iterable, tokenizer, max_length: int | None, on_long: str = "truncate"):
-    """Yield ``(first_index, token_lists, untruncated_lengths)`` for blocks of prompts."""
-    block: list[str] = []
-    start = 0
-    for prompt in source:
-        block.append(prompt.text)
-        if len(block) == TOKENIZE_BLOCK:
-            yield start, *_tokenize(tokenizer, block, max_length, on_long)
-            start += len(block)
-            block = []
-    if block:
-        yield start, *_tokenize(tokenizer, block, max_length, on_long)
-
-
-def _tokenize(tokenizer, texts: list[str], max_length: int | None, on_long: str = "truncate"):
-    """Token ids of ``texts`` (a long one cut to ``max_length``, or empty with ``skip``) and
-    their untruncated lengths."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    raw = [len(t) for t in ids]
-    if max_length is not None:
-        ids = [t[:max_length] if len(t) <= max_length or on_long == "truncate" else [] for t in ids]
-    return ids, raw
-
-
-def tokenized(source: Iterable, tokenizer, max_length: int | None, lengths: np.ndarray,
-              lo: int = 0, hi: int | None = None,
-              on_long: str = "truncate") -> Iterator[tuple[int, Sequence[int]]]:
-    """``(prompt_index, token_ids)`` for every prompt in file order; prompts outside
-    ``[lo, hi)`` are not tokenised (``range(length)`` stands in: batching needs only lengths)."""
-    hi = len(lengths) if hi is None else hi
-    block: list[str] = []
-    first = lo
-
-    def ids(texts):
-        return enumerate(_tokenize(tokenizer, texts, max_length, on_long)[0], first)
-
-    for index, prompt in enumerate(source):
-        if index < lo or index >= hi:
-            if block:  # leaving the range: tokenise what was gathered
-                yield from ids(block)
-                block = []
-            yield index, range(int(lengths[index]))
-            continue
-        block.append(prompt.text)
-        if len(block) == TOKENIZE_BLOCK:
-            yield from ids(block)
-            first += len(block)
-            block = []
-    if block:
-        yield from ids(block)
 
 
 def window_tokens(opts: ExtractOptions, plan: Plan) -> int | None:

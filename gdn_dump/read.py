@@ -16,7 +16,6 @@ and :meth:`Store.iter_batches` holds a few chunk-aligned blocks at a time.
 from __future__ import annotations
 
 import math
-import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +33,7 @@ GAP = -1  # the prompt and position of a row no (finished) prompt owns
 BLOCK_BYTES = 64 << 20
 _XARRAY_HINT = "pip install 'gdn-dump[xarray]'"
 
-__all__ = ["open_store", "Store", "PromptRecord", "TorchBatches", "StoreError"]
+__all__ = ["open_store", "Store", "PromptRecord", "StoreError"]
 
 
 def open_store(path_or_url: str | Path) -> Store:
@@ -246,7 +245,7 @@ class Store:
         return self._batches(names, mine, rows, batch_tokens, shuffle_blocks, rng, drop_last)
 
     def torch_dataset(self, hooks: str | list[str] | None = None, batch_tokens: int = 4096,
-                      shuffle: bool = True, seed: int = 0, **options) -> TorchBatches:
+                      shuffle: bool = True, seed: int = 0, **options):
         """A ``torch.utils.data.IterableDataset`` of :meth:`iter_batches` as torch tensors.
 
         Use it with ``DataLoader(ds, batch_size=None, num_workers=...)``: each DataLoader worker
@@ -255,8 +254,10 @@ class Store:
         dataset each epoch unless ``persistent_workers=True``, which would keep the old epoch).
         ``options``: ``drop_last``, ``shuffle_blocks``, ``block_tokens``, ``rank``, ``world_size``.
         """
-        return _torch_batches()(self.path, hooks=self.hook_names(hooks), batch_tokens=batch_tokens,
-                                shuffle=shuffle, seed=seed, **options)
+        from .read_torch import TorchBatches  # torch only when asked for
+
+        return TorchBatches(self.path, hooks=self.hook_names(hooks), batch_tokens=batch_tokens,
+                            shuffle=shuffle, seed=seed, **options)
 
     # ---- reading blocks -----------------------------------------------------------------------
 
@@ -444,76 +445,3 @@ def _lazy(owners: RowOwners, n_rows: int, which: int):
             return owners.at(rows)[which]
 
     return indexing.LazilyIndexedArray(OwnerArray())
-
-
-# ---- torch ------------------------------------------------------------------------------------
-
-def _torch_batches_class():
-    """Define :class:`TorchBatches` on first use: importing this module does not import torch."""
-    import torch
-    from torch.utils.data import IterableDataset, get_worker_info
-
-    class TorchBatches(IterableDataset):
-        """:meth:`Store.iter_batches` as torch tensors, split across DataLoader workers.
-
-        Holds the store's path, not the open store: it pickles cleanly for spawned workers, and
-        each worker process opens its own store (its own connections for ``s3://``).
-        """
-
-        def __init__(self, path: str, hooks: list[str] | None = None, batch_tokens: int = 4096,
-                     shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                     shuffle_blocks: int = 4, block_tokens: int | None = None,
-                     rank: int = 0, world_size: int = 1):
-            super().__init__()
-            self.path = str(path)
-            self.hooks = hooks
-            self.batch_tokens, self.shuffle, self.seed = batch_tokens, shuffle, seed
-            self.drop_last, self.shuffle_blocks, self.block_tokens = drop_last, shuffle_blocks, block_tokens
-            self.rank, self.world_size = rank, world_size
-            self.epoch = 0
-            self._store: Store | None = None
-            self._pid: int | None = None
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = int(epoch)
-
-        def __getstate__(self) -> dict:
-            return {**self.__dict__, "_store": None, "_pid": None}
-
-        def store(self) -> Store:
-            if self._store is None or self._pid != os.getpid():  # never share one across a fork
-                self._store, self._pid = open_store(self.path), os.getpid()
-            return self._store
-
-        def __iter__(self):
-            info = get_worker_info()
-            wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-            batches = self.store().iter_batches(
-                self.hooks, batch_tokens=self.batch_tokens, shuffle=self.shuffle, seed=self.seed,
-                epoch=self.epoch, drop_last=self.drop_last, worker=self.rank * n + wid,
-                num_workers=self.world_size * n, shuffle_blocks=self.shuffle_blocks,
-                block_tokens=self.block_tokens)
-            for batch in batches:
-                yield {k: _tensor(torch, v) for k, v in batch.items()}
-
-    TorchBatches.__qualname__ = "TorchBatches"  # pickle finds it as gdn_dump.read.TorchBatches
-    return TorchBatches
-
-
-def _tensor(torch, array: np.ndarray):
-    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch.from_numpy does not know it
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _torch_batches():
-    """The class :class:`TorchBatches`, defined once (a module attribute, so pickle finds it)."""
-    if "TorchBatches" not in globals():
-        globals()["TorchBatches"] = _torch_batches_class()
-    return globals()["TorchBatches"]
-
-
-def __getattr__(name: str):
-    if name == "TorchBatches":
-        return _torch_batches()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
