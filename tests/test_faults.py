@@ -19,7 +19,6 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump import writer as writer_module
 from gdn_dump.cli import app
 from gdn_dump.errors import GdnDumpError, RunFailure, StoreError
 from gdn_dump.pipeline import ExtractOptions, extract
@@ -27,11 +26,10 @@ from gdn_dump.plan import ArraySpec, format_bytes
 from gdn_dump.store import check_out, checked_dtype
 from gdn_dump.store import _create_array
 
+from .disk import fill_disk_at
 from .s3server import s3_server, s3_url  # noqa: F401
 
 WRITERS = ["tensorstore", "zarr"]
-TS_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing local file "x/c/3/0": Failed writing: '
-             '"x/c/3/0.__lock": No space left on device [os_error_code=\'28\']')
 # Small chunks and one batch per unit (file order), so the run has many chunk writes and, with
 # checkpoint_every=0, a progress record at every unit boundary.
 SMALL = dict(hooks="beta,v", chunk_tokens=32, batch_size=2, sort_window_bytes=0, checkpoint_every=0)
@@ -74,28 +72,6 @@ def clean(tiny, tmp_path_factory):
     return prompts, root / "clean.zarr"
 
 
-class _FailedWrite:
-    """A TensorStore write future whose write hit a full disk."""
-
-    def result(self):
-        raise ValueError(TS_ENOSPC)
-
-
-def _fill_disk_at(monkeypatch, n: int) -> list[int]:
-    """From the ``n``-th store write on, every write fails as on a full disk; returns the sizes
-    of the writes that succeeded."""
-    real, done = writer_module.store_write, []
-
-    def store_write(engine, target, where, block):
-        if len(done) + 1 >= n:
-            if engine == "zarr":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return _FailedWrite()
-        done.append(block.nbytes)
-        return real(engine, target, where, block)
-
-    monkeypatch.setattr(writer_module, "store_write", store_write)
-    return done
 
 
 def _assert_one_line_failure(message: str, what: str, written: int, out) -> None:
@@ -112,7 +88,7 @@ def test_disk_full_mid_run_is_one_line_and_resumes_to_the_clean_store(tiny, clea
                                                                       monkeypatch, engine):
     prompts, reference = clean
     out = tmp_path / "s.zarr"
-    written = _fill_disk_at(monkeypatch, 9)
+    written = fill_disk_at(monkeypatch, 9)
     with pytest.raises(RunFailure) as failed:
         _extract(tiny, prompts, out, writer=engine)
     assert failed.value.exit_code == 1
@@ -215,7 +191,7 @@ def test_disk_full_while_creating_the_store(tiny, clean, tmp_path, monkeypatch):
 def test_disk_full_through_the_cli_is_one_line_exit_1(clean, tmp_path, monkeypatch):
     prompts, _ = clean
     out = tmp_path / "s.zarr"
-    _fill_disk_at(monkeypatch, 5)
+    fill_disk_at(monkeypatch, 5)
     result = CliRunner().invoke(app, ["extract", "-m", "tiny", "-p", str(prompts), "-o", str(out),
                                       "--hooks", "beta,v", "-q", "--chunk-tokens", "32"])
     assert result.exit_code == 1, result.stderr

@@ -5,9 +5,7 @@ Every store here is made by a real ``extract`` on the tiny model; nothing of the
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -18,13 +16,13 @@ import zarr
 
 import gdn_dump
 from gdn_dump import open_store
-from gdn_dump import writer as writer_module
 from gdn_dump.errors import RunFailure, StoreError
 from gdn_dump.pipeline import ExtractOptions, extract
 from gdn_dump.prompts import open_prompts
 from gdn_dump.read import chunk_unit, load_tokenizer_offline
 
 from .conftest import RAGGED_PROMPTS, reference_cache
+from .disk import fill_disk_at
 from .s3server import s3_server, s3_url  # noqa: F401
 
 WORDS = ["alpha", "b", "gamma delta", "é", "zz", "the quick"]
@@ -300,15 +298,7 @@ def _record(out, region):
 def test_in_progress_store_shows_only_finished_prompts(tiny, gapped, tmp_path, monkeypatch):
     prompts, complete = gapped
     out = tmp_path / "s.zarr"
-    real, calls = writer_module.store_write, []
-
-    def disk_full_mid_run(engine, target, where, block):  # after the first few records
-        calls.append(1)
-        if len(calls) >= 100:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(engine, target, where, block)
-
-    monkeypatch.setattr(writer_module, "store_write", disk_full_mid_run)
+    fill_disk_at(monkeypatch, 100)
     with pytest.raises(RunFailure):
         _extract(tiny, prompts, out, hooks="q,beta", dtype="bfloat16", writer="zarr", **SMALL)
     monkeypatch.undo()

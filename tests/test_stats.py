@@ -3,16 +3,13 @@ after a kill and resume, and over two shards; the naive reference equals the acc
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 
 import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump import writer as writer_module
 from gdn_dump.cli import app
 from gdn_dump.errors import RunFailure
 from gdn_dump.pipeline import ExtractOptions, extract
@@ -25,6 +22,8 @@ from gdn_dump.stats import (
     histogram_median,
     naive,
 )
+
+from .disk import fill_disk_at
 
 RTOL = 1e-9
 HOOKS = "v,beta,log_decay,recurrence_out,blocks.0.hook_resid_post"
@@ -266,15 +265,7 @@ def test_run_failed_mid_way_and_resumed_has_the_stats_of_an_uninterrupted_run(ti
                                                                                tmp_path, monkeypatch):
     prompts, reference = clean
     out = tmp_path / "s.zarr"
-    real, writes = writer_module.store_write, []
-
-    def store_write(engine, target, where, block):  # a full disk from the 40th chunk write on
-        writes.append(1)
-        if len(writes) >= 40:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(engine, target, where, block)
-
-    monkeypatch.setattr(writer_module, "store_write", store_write)
+    fill_disk_at(monkeypatch, 40)
     with pytest.raises(RunFailure):
         _extract(tiny, prompts, out, writer="zarr")
     record = json.loads((out / "_progress" / "region-00000" / "zarr.json").read_text())["attributes"]
