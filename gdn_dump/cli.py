@@ -457,6 +457,6 @@ def main() -> None:
         message = " ".join(exc.format_message().split()).rstrip(".")
         print(f"gdn-dump: error: {message}{where}", file=sys.stderr)
         code = 2
-    except _click_errors.Abort:  # Ctrl-C while click itself was reading input
+    except typer.Abort:  # Ctrl-C while click itself was reading input
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
