@@ -40,26 +40,24 @@ def _check_prompt(group, prompt: int | None) -> None:
 def owned_blocks(group, name: str, prompt: int | None = None, block_bytes: int = BLOCK_BYTES):
     """Yield ``(values, prompt_index, position)`` for the owned rows of array ``name``, a block at
     a time (blocks aligned to the array's chunks / shards), in row order; only ``prompt`` if given."""
+    from .read import RowOwners
+
     arr = group[name]
     starts, lengths = _index(group)
-    chosen = np.arange(len(starts)) if prompt is None else np.array([prompt])
-    chosen = chosen[lengths[chosen] > 0]
-    chosen = chosen[np.argsort(starts[chosen], kind="stable")]
-    if not len(chosen):
+    owners = RowOwners(starts, lengths, np.arange(len(starts)) if prompt is None else np.array([prompt]))
+    if not len(owners.prompts):
         return
-    s, e = starts[chosen], starts[chosen] + lengths[chosen]
     unit = int(arr.chunks[0])  # inner chunks: a sharded array is read part of a shard at a time
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
     block = max(unit, (block_bytes // row_bytes) // unit * unit)
-    # contiguous runs of owned rows
-    breaks = np.flatnonzero(s[1:] != e[:-1]) + 1
-    for run in np.split(np.arange(len(chosen)), breaks):
-        a, stop = int(s[run[0]]), int(e[run[-1]])
+    # contiguous runs of owned rows, cut at block boundaries
+    breaks = np.flatnonzero(owners.starts[1:] != owners.ends[:-1]) + 1
+    for run in np.split(np.arange(len(owners.prompts)), breaks):
+        a, stop = int(owners.starts[run[0]]), int(owners.ends[run[-1]])
         while a < stop:
             b = min(stop, (a // block + 1) * block)
-            rows = np.arange(a, b)
-            k = run[np.searchsorted(s[run], rows, side="right") - 1]
-            yield arr[a:b], chosen[k], rows - s[k]
+            owner, position = owners.at(np.arange(a, b))
+            yield arr[a:b], owner, position
             a = b
 
 

@@ -147,10 +147,11 @@ class BatchSink(BackgroundWorker):
             worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
             self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
                                            count + len(values))
-        for kind, totals in ((OVERFLOW, self.result.overflow), (NONFINITE, self.result.nonfinite)):
-            for name, count in batch.counts(kind).items():
-                totals[name] = totals.get(name, 0) + count
         nonfinite = batch.counts(NONFINITE)
+        for counts, totals in ((batch.counts(OVERFLOW), self.result.overflow),
+                               (nonfinite, self.result.nonfinite)):
+            for name, count in counts.items():
+                totals[name] = totals.get(name, 0) + count
         if self.fail_on_nonfinite and nonfinite:
             name, count = next(iter(nonfinite.items()))
             listed = ", ".join(map(str, batch.prompts[:8])) + (" ..." if len(batch.prompts) > 8 else "")
