@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # zarr-python 3.1 has no core bfloat16: importing gdn_dump registers the zarr-extensions
 # ``bfloat16`` data type, so ``import gdn_dump`` is all a reader needs to open bfloat16 stores.
-from .bfloat16 import is_bfloat16_supported as _bf16_ok  # noqa: E402
+from .store.bfloat16 import is_bfloat16_supported as _bf16_ok  # noqa: E402
 
 _bf16_ok()
 
@@ -14,7 +14,7 @@ __all__ = ["__version__", "open_store", "Store"]
 def __getattr__(name: str):
     # The reader on first use: ``import gdn_dump`` (the CLI, every worker) stays light.
     if name in ("open_store", "Store"):
-        from . import read
+        from .read import reader
 
-        return getattr(read, name)
+        return getattr(reader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m gdn_dump`` (what ``torchrun -m gdn_dump extract ...`` runs)."""
 
-from .cli import main
+from .cli.app import main
 
 main()

@@ -1,4 +1,4 @@
-"""Benchmark: ``gdn_dump.pipeline.extract`` against a bare forward, the bridge, a naive peer and the disk.
+"""Benchmark: ``gdn_dump.run.pipeline.extract`` against a bare forward, the bridge, a naive peer and the disk.
 
 Main case: one random-initialised Qwen3.5 text model (hidden 512, 8 layers: 3 GDN + 1 attention,
 twice, so GDN layers 0-2 and 4-6; GDN heads 4 key / 8 value of dim 64; attention 8 heads / 2 kv of
@@ -10,7 +10,7 @@ of ``--batch-size`` prompts:
 - ``bare_forward``: the ceiling. The HF base model (``Qwen3_5TextModel``, no lm_head) of an
   untouched deep copy of the HF model (booting the bridge swaps the HF model's submodules for
   TransformerLens bridge components), its ``layers`` cut to the ``stop`` layers extract runs
-  (``gdn_dump.capture._stop_layer``: up to the last layer with a selected hook) and its final norm
+  (``gdn_dump.run.capture._stop_layer``: up to the last layer with a selected hook) and its final norm
   replaced by ``Identity`` (extract stops before ``ln_final``), called as ``base(input_ids,
   use_cache=False)`` under ``torch.inference_mode``: no hooks, nothing stored.
 - ``bridge_in_memory``: ``bridge.run_with_cache(input_ids, names_filter=<the hooks>,
@@ -20,7 +20,7 @@ of ``--batch-size`` prompts:
   layers + lm_head), then per hook drop padding, cast to the store's dtype and
   ``zarr.Array.append`` the batch to arrays created with shape ``(0, ...)``, extract's chunks and
   no compressor.
-- ``extract``: ``gdn_dump.pipeline.extract`` with default options but ``--no-stats`` (the same work
+- ``extract``: ``gdn_dump.run.pipeline.extract`` with default options but ``--no-stats`` (the same work
   as the naive peer: capture and write), TensorStore writer, into a
   temporary directory; the whole call is timed (planning, store creation, capture, writing,
   finalising). ``extract+sync`` is the same run plus an ``os.sync()`` right after it, so the store
@@ -71,13 +71,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gdn_dump.capture import _stop_layer, pad_batch  # noqa: E402
+from gdn_dump.run.capture import _stop_layer, pad_batch  # noqa: E402
 from gdn_dump.catalogue import GDN_HOOKS, Catalogue  # noqa: E402
-from gdn_dump.models import (  # noqa: E402
+from gdn_dump.model.load import (  # noqa: E402
     ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE, LoadedModel, build_tiny_tokenizer, load_model, wrap_model,
 )
-from gdn_dump.pipeline import ExtractOptions, extract  # noqa: E402
-from gdn_dump.plan import SCALAR_DTYPE, make_plan  # noqa: E402
+from gdn_dump.run.pipeline import ExtractOptions, extract  # noqa: E402
+from gdn_dump.store.layout import SCALAR_DTYPE, make_plan  # noqa: E402
 
 BENCH_TEXT_CONFIG = dict(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -195,8 +195,8 @@ def run_extract(model: LoadedModel, prompts: Path, out: Path, batch_size: int, d
 def run_writer_only(plan, out: Path, batch_rows: int) -> None:
     """gdn-dump's write path alone: the plan's store fed batch-sized blocks of rows (made once)
     through ``RowWriter`` (TensorStore engine), as the sink feeds it; no model."""
-    from gdn_dump.store import create_store
-    from gdn_dump.writer import RowWriter
+    from gdn_dump.store.create import create_store
+    from gdn_dump.store.writer import RowWriter
 
     rng = np.random.default_rng(0)
     blocks = {a.name: rng.standard_normal((batch_rows, *a.shape[1:])).astype(a.dtype)

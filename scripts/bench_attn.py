@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gdn_dump.attention import gdn_effective_attention, heuristic_effective_attention  # noqa: E402
+from gdn_dump.ops.attention import gdn_effective_attention, heuristic_effective_attention  # noqa: E402
 
 N_K_HEADS, N_V_HEADS, D_K = 16, 16, 128
 

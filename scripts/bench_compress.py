@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from gdn_dump.capture import Capture, pad_batch  # noqa: E402
+from gdn_dump.run.capture import Capture, pad_batch  # noqa: E402
 from gdn_dump.catalogue import Catalogue  # noqa: E402
-from gdn_dump.store import compressors_for  # noqa: E402
+from gdn_dump.store.create import compressors_for  # noqa: E402
 
 
 def cpu_seconds() -> float:

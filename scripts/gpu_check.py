@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn_dump.capture import pad_batch  # noqa: E402
-from gdn_dump.models import (  # noqa: E402
+from gdn_dump.run.capture import pad_batch  # noqa: E402
+from gdn_dump.model.load import (  # noqa: E402
     ATTENTION_LAYER_TYPE,
     GDN_LAYER_TYPE,
     build_tiny_tokenizer,
@@ -142,7 +142,7 @@ def bridge_agreement(model, device):
 def extract_agreement(model, tmp: Path):
     import zarr
 
-    from gdn_dump.pipeline import ExtractOptions, extract
+    from gdn_dump.run.pipeline import ExtractOptions, extract
 
     rng = np.random.default_rng(0)
     prompts = tmp / "check.txt"
@@ -180,7 +180,7 @@ def extract_agreement(model, tmp: Path):
     log("vs each prompt alone, worst per layer (growing with depth = rounding amplified): "
         + ", ".join(f"{layer}: {err:.1e}" for layer, err in sorted(per_layer.items())))
     # the statistics were reduced on the device (stats_device): against numpy over the stored rows
-    from gdn_dump.stats import naive
+    from gdn_dump.ops.stats import naive
 
     stats_worst = 0.0
     for name in names:
@@ -218,8 +218,8 @@ def disk_write(tmp: Path, n_bytes: int) -> float:
 
 def speed(model, tmp: Path, args):
     from gdn_dump.catalogue import DEFAULT_HOOKS
-    from gdn_dump.pipeline import ExtractOptions, extract
-    from gdn_dump.plan import format_bytes
+    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.store.layout import format_bytes
 
     device = model.device
     n_tokens = args.batches * args.batch_size * args.seq_len
@@ -292,7 +292,7 @@ def oom_halving(model, tmp: Path, args):
     the same values as an uncapped run."""
     import zarr
 
-    from gdn_dump.pipeline import ExtractOptions, extract
+    from gdn_dump.run.pipeline import ExtractOptions, extract
 
     device = model.device
     rng = np.random.default_rng(3)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from gdn_dump.models import load_model
+from gdn_dump.model.load import load_model
 
 # Very different lengths: 1 token, a few, ~60, ~300; a multi-byte character; a blank line skipped.
 RAGGED_PROMPTS = [

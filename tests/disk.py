@@ -1,11 +1,11 @@
-"""A full disk, simulated at the writer's one store write (``gdn_dump.writer.store_write``)."""
+"""A full disk, simulated at the writer's one store write (``gdn_dump.store.writer.store_write``)."""
 
 from __future__ import annotations
 
 import errno
 import os
 
-from gdn_dump import writer as writer_module
+from gdn_dump.store import writer as writer_module
 
 # what TensorStore raises when a chunk write meets a full disk (seen on a small tmpfs)
 TS_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing local file "x/c/3/0": Failed writing: '

@@ -17,14 +17,14 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
     torch_recurrent_gated_delta_rule,
 )
 
-from gdn_dump import attention
-from gdn_dump.attention import (
+from gdn_dump.ops import attention
+from gdn_dump.ops.attention import (
     expand_kv_heads,
     gdn_effective_attention,
     heuristic_effective_attention,
     relative_residual,
 )
-from gdn_dump.attention_naive import (
+from gdn_dump.ops.attention_reference import (
     gated_delta_rule_recurrent_naive,
     gdn_effective_attention_inverse_naive,
     gdn_effective_attention_naive,

@@ -8,12 +8,12 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump import attn_capture
-from gdn_dump.attention_naive import gdn_effective_attention_naive
-from gdn_dump.cli import app
+from gdn_dump.run import attn_capture
+from gdn_dump.ops.attention_reference import gdn_effective_attention_naive
+from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.prompts import open_prompts
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.prompts import open_prompts
 
 from .conftest import reference_cache
 
@@ -105,7 +105,7 @@ def test_tiles_above_the_diagonal_or_past_the_prompt_are_never_written(tiny, tmp
 
 
 def test_memory_guard_refuses_before_the_model_loads(tiny, ragged_txt, tmp_path, monkeypatch):
-    import gdn_dump.pipeline as pipeline
+    import gdn_dump.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     result = CliRunner().invoke(app, ["attn-matrix", "-m", "tiny", "-p", str(ragged_txt), "-o",

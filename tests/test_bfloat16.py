@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-import gdn_dump.bfloat16 as bf
+import gdn_dump.store.bfloat16 as bf
 from gdn_dump.errors import GdnDumpError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -15,7 +15,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump.cli import app
+from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, PromptFileError, SelectionError, StoreError
 
 PROMPTS = b"hello world\nthe quick brown fox\n"

@@ -11,9 +11,9 @@ import zarr
 
 from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS
 from gdn_dump.errors import GdnDumpError, StoreError
-from gdn_dump.models import save_tiny_checkpoint
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.prompts import open_prompts
+from gdn_dump.model.load import save_tiny_checkpoint
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.prompts import open_prompts
 
 from .conftest import reference_cache
 
@@ -201,7 +201,7 @@ def test_float16_overflow_is_reported(tiny, ragged_txt, tmp_path):
 
 
 def test_multimodal_checkpoint_loads_its_text_model(tmp_path, ragged_txt):
-    from gdn_dump.models import load_model
+    from gdn_dump.model.load import load_model
 
     path = save_tiny_checkpoint(tmp_path / "ckpt", multimodal=True)
     config = json.loads((path / "config.json").read_text())
@@ -238,7 +238,7 @@ def test_a_batch_that_ran_out_of_memory_is_freed_before_the_retry(tiny, ragged_t
     of memory again, down to a single prompt)."""
     import weakref
 
-    from gdn_dump.capture import Capture
+    from gdn_dump.run.capture import Capture
 
     real_run = Capture.run
     failed = []
@@ -258,8 +258,8 @@ def test_a_batch_that_ran_out_of_memory_is_freed_before_the_retry(tiny, ragged_t
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_txt, tmp_path, monkeypatch):
-    from gdn_dump.capture import Capture
-    from gdn_dump.pipeline import Reporter
+    from gdn_dump.run.capture import Capture
+    from gdn_dump.run.pipeline import Reporter
 
     _run(tiny, ragged_txt, tmp_path / "ref.zarr", hooks="v,beta", attn_layers="1", batch_size=6)
     real_run = Capture.run

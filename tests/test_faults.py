@@ -1,6 +1,6 @@
 """Faults and hostile inputs: a full disk mid-run, pickles, path-like prompt ids, --overwrite, --out.
 
-A full disk is simulated at the writer's one store write (``gdn_dump.writer.store_write``): the
+A full disk is simulated at the writer's one store write (``gdn_dump.store.writer.store_write``): the
 zarr-python writer raises the OSError itself, TensorStore reports it as a ValueError through the
 write's future (the text below is what TensorStore 0.1 printed on a full tmpfs). The test at the
 end fills a real tmpfs where this machine lets us mount one.
@@ -19,12 +19,12 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump.cli import app
+from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure, StoreError
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.plan import ArraySpec, format_bytes
-from gdn_dump.store import check_out, checked_dtype
-from gdn_dump.store import _create_array
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.store.layout import ArraySpec, format_bytes
+from gdn_dump.store.create import check_out, checked_dtype
+from gdn_dump.store.create import _create_array
 
 from .disk import fill_disk_at
 from .s3server import s3_server, s3_url  # noqa: F401
@@ -105,7 +105,7 @@ def test_disk_full_mid_run_is_one_line_and_resumes_to_the_clean_store(tiny, clea
 @pytest.mark.parametrize("where", ["write_record", "sync"])
 def test_disk_full_at_a_checkpoint_is_one_line_and_resumes(tiny, clean, tmp_path, monkeypatch,
                                                            engine, where):
-    import gdn_dump.pipeline as pipeline
+    import gdn_dump.run.pipeline as pipeline
 
     prompts, reference = clean
     out = tmp_path / "s.zarr"
@@ -135,7 +135,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_resumes(tiny, clean, tmp_path
 
 
 def test_disk_full_at_the_last_record_is_one_line(tiny, clean, tmp_path, monkeypatch):
-    import gdn_dump.pipeline as pipeline
+    import gdn_dump.run.pipeline as pipeline
 
     prompts, reference = clean
     real = pipeline.write_record
@@ -154,7 +154,7 @@ def test_disk_full_at_the_last_record_is_one_line(tiny, clean, tmp_path, monkeyp
 
 def test_writer_failures_reports_a_write_made_outside_it(tmp_path):
     # What pipeline._run needs around its last record (made on the main thread, not the writer's).
-    from gdn_dump.writer import RowWriter
+    from gdn_dump.store.writer import RowWriter
 
     group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
     writer = RowWriter(group, [])
@@ -318,7 +318,7 @@ def test_an_empty_directory_is_used_as_it_is(tiny, clean, tmp_path):
 
 
 def test_overwrite_on_s3_replaces_only_a_gdn_dump_store(s3_url):
-    from gdn_dump.location import locate
+    from gdn_dump.store.location import locate
 
     loc = locate(s3_url)
     loc.fs.pipe_file(f"{s3_url}/notes.txt", b"keep me")

@@ -8,9 +8,9 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump.cli import app
+from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure
-from gdn_dump.pipeline import ExtractOptions, extract
+from gdn_dump.run.pipeline import ExtractOptions, extract
 
 
 def _run(tiny, prompts, out, **kw):
@@ -139,7 +139,7 @@ def test_fail_on_nonfinite_stops_before_writing_the_batch(tiny, ragged_txt, tmp_
 
 
 def test_fail_on_nonfinite_on_the_command_line_is_exit_1(ragged_txt, tmp_path, monkeypatch):
-    from gdn_dump.capture import Capture
+    from gdn_dump.run.capture import Capture
 
     real_hook_fn = Capture._hook_fn
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from gdn_dump.errors import StoreError
-from gdn_dump.location import Location, locate
+from gdn_dump.store.location import Location, locate
 
 from .s3server import s3_server, s3_url  # noqa: F401
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gdn_dump.errors import GdnDumpError, RunFailure
-from gdn_dump.models import build_tiny_model, load_config, load_model, load_tokenizer, save_tiny_checkpoint
+from gdn_dump.model.load import build_tiny_model, load_config, load_model, load_tokenizer, save_tiny_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -66,7 +66,7 @@ def http_error(cls, status: int):
 def cli(*args: str):
     from typer.testing import CliRunner
 
-    from gdn_dump.cli import app
+    from gdn_dump.cli.app import app
 
     return CliRunner().invoke(app, list(args))
 

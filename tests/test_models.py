@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gdn_dump.errors import GdnDumpError
-from gdn_dump.models import build_tiny_model, load_config, resolve_model_dtype, select_kernels
+from gdn_dump.model.load import build_tiny_model, load_config, resolve_model_dtype, select_kernels
 
 
 def test_tiny_is_deterministic_and_has_every_code_path():
@@ -67,9 +67,9 @@ def test_hooked_bridge_forward_equals_hf_forward_with_the_active_kernels(device)
     bridge's forward with our capture hooks attached computes what HF's own forward computes."""
     import copy
 
-    from gdn_dump.capture import Capture
+    from gdn_dump.run.capture import Capture
     from gdn_dump.catalogue import Catalogue
-    from gdn_dump.models import wrap_model
+    from gdn_dump.model.load import wrap_model
 
     hf_model, tokenizer = build_tiny_model()
     bare = copy.deepcopy(hf_model).to(device)  # booting the bridge replaces hf_model's GDN modules

@@ -10,9 +10,9 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump import figures
-from gdn_dump.cli import app
-from gdn_dump.pipeline import ExtractOptions, extract
+from gdn_dump.read import figures
+from gdn_dump.cli.app import app
+from gdn_dump.run.pipeline import ExtractOptions, extract
 
 from .conftest import RAGGED_PROMPTS
 
@@ -214,8 +214,8 @@ def test_norm_profile_is_a_plain_loop(group):
 
 
 def test_attention_data_and_token_labels(group):
-    from gdn_dump.models import build_tiny_tokenizer
-    from gdn_dump.plots import token_labels
+    from gdn_dump.model.load import build_tiny_tokenizer
+    from gdn_dump.read.plots import token_labels
 
     data = figures.attention_data(group, layer=0, head=3, prompt=0)
     n = int(group["prompt_length"][0])

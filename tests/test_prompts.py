@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gdn_dump import prompts as prompts_module
+from gdn_dump.run import prompts as prompts_module
 from gdn_dump.errors import PromptFileError
-from gdn_dump.prompts import Prompt, open_prompts
+from gdn_dump.run.prompts import Prompt, open_prompts
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:

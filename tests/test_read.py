@@ -17,9 +17,9 @@ import zarr
 import gdn_dump
 from gdn_dump import open_store
 from gdn_dump.errors import RunFailure, StoreError
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.prompts import open_prompts
-from gdn_dump.read import chunk_unit, load_tokenizer_offline
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.prompts import open_prompts
+from gdn_dump.read.reader import chunk_unit, load_tokenizer_offline
 
 from .conftest import RAGGED_PROMPTS, reference_cache
 from .disk import fill_disk_at

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import zarr
 
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.store import open_group
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.store.create import open_group
 
 from .s3server import s3_server, s3_url  # noqa: F401
 
@@ -32,7 +32,7 @@ def test_extract_to_s3_reads_back_equal_to_a_local_store(tiny, ragged_txt, tmp_p
     assert sorted(local.array_keys()) == sorted(remote.array_keys())
     from typer.testing import CliRunner
 
-    from gdn_dump.cli import app
+    from gdn_dump.cli.app import app
 
     checked = CliRunner().invoke(app, ["verify", s3_url])
     assert checked.exit_code == 0, checked.output
@@ -73,6 +73,6 @@ def test_killed_s3_run_resumes_to_the_same_store(ragged_txt, s3_url, tmp_path):
     assert got.attrs["gdn_dump"]["status"] == "complete"
     for name in ("tokens", "blocks.0.linear_attn.hook_q", "blocks.2.linear_attn.hook_beta"):
         np.testing.assert_array_equal(ref[name][:], got[name][:], err_msg=name)
-    from gdn_dump.verify import verify_store
+    from gdn_dump.store.verify import verify_store
 
     assert all(check.ok for check in verify_store(s3_url)), verify_store(s3_url)

@@ -10,10 +10,10 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from gdn_dump.cli import app
+from gdn_dump.cli.app import app
 from gdn_dump.errors import RunFailure
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.stats import (
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.ops.stats import (
     BETA_EDGES,
     HALF_LIFE_EDGES,
     LN_HALF,
@@ -146,7 +146,7 @@ def _data(name, shape, dtype, n=3000, seed=0):
 
 @pytest.mark.parametrize("name, dims, shape, dtype", CASES)
 def test_naive_reference_equals_the_streaming_accumulator(name, dims, shape, dtype, monkeypatch):
-    import gdn_dump.stats as stats_module
+    import gdn_dump.ops.stats as stats_module
 
     monkeypatch.setattr(stats_module, "BLOCK_ELEMENTS", 256)  # many blocks per call
     x = _data(name, shape, dtype)
@@ -171,7 +171,7 @@ def test_device_batch_stats_equal_the_reference(name, dims, shape, dtype):
     the reference gives; run here on CPU tensors, the same torch code as on CUDA."""
     import torch
 
-    from gdn_dump.stats_device import batch_stats, merge_packed
+    from gdn_dump.ops.stats_device import batch_stats, merge_packed
 
     x = _data(name, shape, dtype)
     tensor = (torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16) if dtype == "bfloat16"
@@ -185,7 +185,7 @@ def test_device_batch_stats_equal_the_reference(name, dims, shape, dtype):
 def test_device_histogram_bins_are_np_histogram_bins_at_every_edge():
     import torch
 
-    from gdn_dump.stats_device import batch_stats, merge_packed
+    from gdn_dump.ops.stats_device import batch_stats, merge_packed
 
     for name, edges in (("blocks.0.linear_attn.hook_beta", BETA_EDGES),
                         ("blocks.0.linear_attn.hook_log_decay", HALF_LIFE_EDGES)):
@@ -306,8 +306,8 @@ def test_inspect_prints_the_stats_table(clean):
 def test_statistics_reduced_on_the_device_path_equal_numpy(tiny, tmp_path, monkeypatch):
     """The path a GPU run takes (per-batch moments next to the capture hooks, merged by the sink),
     forced on the CPU: the store's statistics are the same as from the host accumulator."""
-    import gdn_dump.pipeline as pipeline
-    from gdn_dump.stats import ArrayStats
+    import gdn_dump.run.pipeline as pipeline
+    from gdn_dump.ops.stats import ArrayStats
 
     merged_on_host = []
     real = ArrayStats.accumulate

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from gdn_dump import verify
+from gdn_dump.store import verify
 from gdn_dump.errors import StoreError
-from gdn_dump.pipeline import ExtractOptions, extract
-from gdn_dump.verify import Check, render, verify_store
+from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.store.verify import Check, render, verify_store
 
 from .conftest import RAGGED_PROMPTS
 

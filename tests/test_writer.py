@@ -7,8 +7,8 @@ import pytest
 import zarr
 
 from gdn_dump.errors import RunFailure
-from gdn_dump.plan import ArraySpec
-from gdn_dump.writer import RowWriter
+from gdn_dump.store.layout import ArraySpec
+from gdn_dump.store.writer import RowWriter
 
 
 def _group(tmp_path, n_rows, chunk):
@@ -69,7 +69,7 @@ def test_write_errors_surface_as_run_failure(tmp_path):
 def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dtype):
     pytest.importorskip("tensorstore")
     xr = pytest.importorskip("xarray")
-    from gdn_dump.pipeline import ExtractOptions, extract
+    from gdn_dump.run.pipeline import ExtractOptions, extract
 
     stores = {}
     for writer in ("zarr", "tensorstore"):
@@ -92,7 +92,7 @@ def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dty
 
 @pytest.mark.parametrize("writer", ["tensorstore", "zarr"])
 def test_sharded_store_equals_the_unsharded_one(tiny, ragged_txt, tmp_path, writer):
-    from gdn_dump.pipeline import ExtractOptions, extract
+    from gdn_dump.run.pipeline import ExtractOptions, extract
 
     def run(out, **kw):
         extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="v,beta",

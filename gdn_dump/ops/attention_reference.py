@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gdn_dump.attention import expand_kv_heads, l2norm, resolve_precision
+from .attention import expand_kv_heads, l2norm, resolve_precision
 
 
 def _normalized_qk(q, k, n_v_heads: int, dtype: torch.dtype):

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import RunFailure, StoreError
-from .stats import merged
-from .store import COMPLETE, FAILED, now_iso, set_status
+from ..errors import RunFailure, StoreError
+from ..ops.stats import merged
+from .create import COMPLETE, FAILED, now_iso, set_status
 
 PROGRESS = "_progress"
 

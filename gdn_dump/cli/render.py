@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .pipeline import ExtractResult, Reporter
-from .plan import Plan, format_bytes
+from ..run.pipeline import ExtractResult, Reporter
+from ..store.layout import Plan, format_bytes
 
 
 class RichReporter(Reporter):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import expand_kv_heads, gdn_effective_attention, heuristic_effective_attention, relative_residual
-from .catalogue import GDN, Catalogue
-from .errors import GdnDumpError, SelectionError
+from ..ops.attention import expand_kv_heads, gdn_effective_attention, heuristic_effective_attention, relative_residual
+from ..catalogue import GDN, Catalogue
+from ..errors import GdnDumpError, SelectionError
 
 MODES = ("exact", "heuristic")
 # The chunked form is the default: measured faster than the closed form at every length on the
@@ -89,7 +89,7 @@ def _parse_heads(text: str | None, n_heads: int, layer: int) -> list[int]:
 
 def check_budget(plan, max_bytes: int) -> None:
     """Refuse, before any model runs, a plan whose attention matrices exceed ``max_bytes``."""
-    from .plan import format_bytes
+    from ..store.layout import format_bytes
 
     if plan.matrix_bytes > max_bytes:
         raise GdnDumpError(

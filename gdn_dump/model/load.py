@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: F401 - re-exported
-from .errors import GdnDumpError
-from .model_source import load_error, loading_errors, no_safetensors, resolve_source
+from ..catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: F401 - re-exported
+from ..errors import GdnDumpError
+from .source import load_error, loading_errors, no_safetensors, resolve_source
 
 TINY_NAME = "tiny"
 SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")

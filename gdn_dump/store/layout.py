@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalogue import ATTENTION_MATRIX, HookSpec
-from .errors import GdnDumpError
+from ..catalogue import ATTENTION_MATRIX, HookSpec
+from ..errors import GdnDumpError
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SCALAR_DTYPE = "float32"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from gdn_dump.errors import GdnDumpError
+from ..errors import GdnDumpError
 
 if TYPE_CHECKING:
     import torch

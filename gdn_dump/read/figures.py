@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from .errors import GdnDumpError
+from ..errors import GdnDumpError
 
 KINDS = ("decay", "beta", "attn", "norms")
 LN_HALF = math.log(0.5)
@@ -40,7 +40,7 @@ def _check_prompt(group, prompt: int | None) -> None:
 def owned_blocks(group, name: str, prompt: int | None = None, block_bytes: int = BLOCK_BYTES):
     """Yield ``(values, prompt_index, position)`` for the owned rows of array ``name``, a block at
     a time (blocks aligned to the array's chunks / shards), in row order; only ``prompt`` if given."""
-    from .read import RowOwners
+    from .reader import RowOwners
 
     arr = group[name]
     starts, lengths = _index(group)
@@ -257,7 +257,7 @@ def _ranges(values: list[int]) -> str:
 def store_tokenizer(group):
     """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be
     (then labels are token ids)."""
-    from .read import load_tokenizer_offline
+    from .reader import load_tokenizer_offline
 
     model = (group.attrs.get("gdn_dump") or {}).get("model") or {}
     return load_tokenizer_offline(model.get("name"), model.get("revision"))

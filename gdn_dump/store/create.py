@@ -17,11 +17,11 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from . import __version__
+from .. import __version__
 from .bfloat16 import storage_dtype
-from .errors import RunFailure, StoreError
+from ..errors import RunFailure, StoreError
 from .location import Location, locate
-from .plan import ArraySpec, Plan, format_bytes
+from .layout import ArraySpec, Plan, format_bytes
 
 ATTR = "gdn_dump"
 IN_PROGRESS = "in_progress"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .capture import Capture, CapturedBatch, pad_batch
-from .errors import RunFailure
+from ..errors import RunFailure
 
 Item = tuple[int, list[int]]
 # A window also closes after this many batches' worth of prompts, so a file of empty or very short

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import StoreError
-from .ledger import read_record, ready_info
-from .store import ATTR, COMPLETE, open_group
+from ..errors import StoreError
+from ..store.ledger import read_record, ready_info
+from ..store.create import ATTR, COMPLETE, open_group
 
 TOKEN_DIM = "token"
 PROMPT_DIM = "prompt"
@@ -254,7 +254,7 @@ class Store:
         dataset each epoch unless ``persistent_workers=True``, which would keep the old epoch).
         ``options``: ``drop_last``, ``shuffle_blocks``, ``block_tokens``, ``rank``, ``world_size``.
         """
-        from .read_torch import TorchBatches  # torch only when asked for
+        from .torch import TorchBatches  # torch only when asked for
 
         return TorchBatches(self.path, hooks=self.hook_names(hooks), batch_tokens=batch_tokens,
                             shuffle=shuffle, seed=seed, **options)
@@ -406,7 +406,7 @@ def load_tokenizer_offline(name: str | None, revision: str | None = None):
     fails. Never downloads: a reader must not reach the network to show text."""
     if not name:
         return None
-    from .models import TINY_NAME, build_tiny_tokenizer, resolve_source
+    from ..model.load import TINY_NAME, build_tiny_tokenizer, resolve_source
 
     if name == TINY_NAME:
         return build_tiny_tokenizer()

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import GdnDumpError, Terminated
+from ..errors import GdnDumpError, Terminated
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click_errors
@@ -115,15 +115,15 @@ MaxBytesOpt = typer.Option("16GiB", "--max-bytes", help="Refuse a run whose atte
 def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log: bool = False,
          png_max_prompts: int = 4) -> None:
     """Run the library's extract and report: the CLI commands differ only in their options."""
-    from .pipeline import extract as run_extract
-    from .report import RichReporter, plan_table, summary_table
+    from ..run.pipeline import extract as run_extract
+    from .render import RichReporter, plan_table, summary_table
 
     err = _console(stderr=True)
     try:
         result = run_extract(opts, None if quiet else RichReporter(err))
         written = _draw(opts, result, png, png_log, png_max_prompts) if png and not opts.dry_run else []
     except (KeyboardInterrupt, Terminated) as exc:
-        from .store import has_store
+        from ..store.create import has_store
 
         code = getattr(exc, "exit_code", 130)
         what = "terminated" if code == 143 else "interrupted"
@@ -161,7 +161,7 @@ def _run(opts, *, quiet: bool, debug: bool, png: Optional[Path] = None, png_log:
 def _draw(opts, result, png: Path, log_scale: bool, max_prompts: int) -> list:
     import zarr
 
-    from .plots import attention_heatmaps
+    from ..read.plots import attention_heatmaps
 
     group = zarr.open_group(str(opts.out), mode="r")
     return attention_heatmaps(group, png, result.model.tokenizer, max_prompts=max_prompts,
@@ -213,7 +213,7 @@ def extract(
     debug: bool = DebugOpt,
 ) -> None:
     """Run prefill over the prompts and stream the selected hooks into a Zarr store."""
-    from .pipeline import ExtractOptions
+    from ..run.pipeline import ExtractOptions
 
     try:
         budget, window = _size(max_bytes), _size(sort_window)
@@ -277,7 +277,7 @@ def attn_matrix(
 ) -> None:
     """Store attention matrices: the exact effective attention of GDN layers (M with o_i = sum_j
     M[i,j] v_j, checked against the layer's output on every prompt) and softmax patterns."""
-    from .pipeline import ExtractOptions
+    from ..run.pipeline import ExtractOptions
 
     try:
         budget, window = _size(max_bytes), _size(sort_window)
@@ -304,8 +304,8 @@ def hooks(
     debug: bool = DebugOpt,
 ) -> None:
     """Print the hook catalogue: every storable hook with its per-token shape and layer type."""
-    from .catalogue import GDN_HOOKS, Catalogue
-    from .models import load_config
+    from ..catalogue import GDN_HOOKS, Catalogue
+    from ..model.load import load_config
 
     try:
         catalogue = Catalogue(load_config(model, revision=revision, trust_remote_code=trust_remote_code))
@@ -328,8 +328,8 @@ def inspect(
     """Print a store's arrays, shapes, dtypes, sizes on disk, provenance and completeness."""
     import json
 
-    from .plan import format_bytes
-    from .store import ATTR, open_group, store_summary
+    from ..store.layout import format_bytes
+    from ..store.create import ATTR, open_group, store_summary
 
     try:
         group = open_group(store)
@@ -357,7 +357,7 @@ def inspect(
         for name, count in (meta.get(key) or {}).items():
             _console().print(f"[red]{what} in {name}: {count:,}[/]")
     _console().print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
-    from .stats import table_rows
+    from ..ops.stats import table_rows
 
     stats_rows = table_rows(group)  # per-head statistics, written at finalize
     if stats_rows:
@@ -394,8 +394,8 @@ def plot(
     debug: bool = DebugOpt,
 ) -> None:
     """Draw one figure of a store: decay half-lives, beta, an attention matrix or norm profiles."""
-    from .plots import plot_store
-    from .store import ATTR, open_group
+    from ..read.plots import plot_store
+    from ..store.create import ATTR, open_group
 
     try:
         group = open_group(store)
@@ -416,7 +416,7 @@ def finalize(
     debug: bool = DebugOpt,
 ) -> None:
     """Mark a store complete once every process's region is written (idempotent)."""
-    from .pipeline import finalize_store
+    from ..run.pipeline import finalize_store
 
     try:
         status = finalize_store(store)
@@ -432,7 +432,7 @@ def verify(
     debug: bool = DebugOpt,
 ) -> None:
     """Check that a store is complete and consistent; exit 0 only if every check holds."""
-    from .verify import render, verify_store
+    from ..store.verify import render, verify_store
 
     try:
         checks = verify_store(store, allow_nonfinite=allow_nonfinite)

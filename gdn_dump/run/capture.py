@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bfloat16 import to_storage_numpy
-from .catalogue import ATTENTION_MATRIX, MODEL, HookSpec
-from .errors import RunFailure
-from .plan import SCALAR_DTYPE
-from .stats_device import batch_stats
+from ..store.bfloat16 import to_storage_numpy
+from ..catalogue import ATTENTION_MATRIX, MODEL, HookSpec
+from ..errors import RunFailure
+from ..store.layout import SCALAR_DTYPE
+from ..ops.stats_device import batch_stats
 
 OVERFLOW, NONFINITE = "overflow", "nonfinite"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

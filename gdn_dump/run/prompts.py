@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from gdn_dump.errors import PromptFileError
+from ..errors import PromptFileError
 
 FORMATS = ("txt", "jsonl")
 ENCODING_ERRORS = ("strict", "replace")

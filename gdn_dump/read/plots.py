@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GdnDumpError
+from ..errors import GdnDumpError
 
 ANNOTATE_MAX_CELLS = 200  # values written into heatmap cells up to this many cells
 LABEL_MAX_TOKENS = 48  # token strings on the axes only where they stay readable
@@ -106,7 +106,7 @@ def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, h
     """Draw one figure of a store (a path or an open group) into ``out``; returns the path.
     ``name`` is the store as the titles call it (default: the path)."""
     from . import figures
-    from .store import open_group
+    from ..store.create import open_group
 
     if kind not in figures.KINDS:
         raise GdnDumpError(f"--kind {kind!r} is unknown: one of {', '.join(figures.KINDS)}")

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .capture import NONFINITE, OVERFLOW, CapturedBatch
-from .errors import RunFailure
-from .plan import Plan
-from .stats import ArrayStats, for_arrays, snapshot
-from .stats_device import merge_packed
-from .writer import BackgroundWorker, RowWriter
+from ..errors import RunFailure
+from ..store.layout import Plan
+from ..ops.stats import ArrayStats, for_arrays, snapshot
+from ..ops.stats_device import merge_packed
+from ..store.writer import BackgroundWorker, RowWriter
 
 
 @dataclass(frozen=True)

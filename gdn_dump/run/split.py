@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import GdnDumpError
+from ..errors import GdnDumpError
 
 SINGLE, SHARD, TORCHRUN = "single", "shard", "torchrun"
 

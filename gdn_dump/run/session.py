@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import zarr
 
-from .errors import StoreError, Terminated
-from .ledger import differences, mark_ready, read_record, ready_info, wait_ready
-from .plan import Plan
-from .store import ATTR, COMPLETE, create_store, has_store, open_group
-from .workers import Barrier, WorkSplit, run_id
+from ..errors import StoreError, Terminated
+from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready
+from ..store.layout import Plan
+from ..store.create import ATTR, COMPLETE, create_store, has_store, open_group
+from .split import Barrier, WorkSplit, run_id
 
 
 @dataclass

@@ -17,9 +17,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .catalogue import GDN_HOOKS, Catalogue
+from ..catalogue import GDN_HOOKS, Catalogue
 from .ledger import ready_info, region_status
-from .store import ATTR, COMPLETE, open_group
+from .create import ATTR, COMPLETE, open_group
 
 INDEX_ARRAYS = ("prompt_start", "prompt_length", "prompt_id")
 SCALAR_SUFFIXES = {suffix for suffix, _, scalar in GDN_HOOKS.values() if scalar}

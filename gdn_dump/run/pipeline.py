@@ -25,12 +25,12 @@ from .attn_capture import (
     select_attn_layers,
 )
 from .capture import Capture
-from .catalogue import Catalogue
-from .coordinate import Session, fault, fingerprint, open_session, signals_as_exceptions
-from .errors import GdnDumpError, RunFailure, Terminated
-from .ledger import finalize, read_record, region_status, write_record
-from .location import locate
-from .models import (
+from ..catalogue import Catalogue
+from .session import Session, fault, fingerprint, open_session, signals_as_exceptions
+from ..errors import GdnDumpError, RunFailure, Terminated
+from ..store.ledger import finalize, read_record, region_status, write_record
+from ..store.location import locate
+from ..model.load import (
     KERNEL_CHOICES,
     LoadedModel,
     load_config,
@@ -39,15 +39,15 @@ from .models import (
     resolve_device,
     resolve_model_dtype,
 )
-from .plan import Plan, check_free_space, make_plan
+from ..store.layout import Plan, check_free_space, make_plan
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
-from .stats import for_arrays, from_json, to_json
-from .store import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
+from ..ops.stats import for_arrays, from_json, to_json
+from ..store.create import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
 from .tokens import describe, tokenized, tokenized_blocks
-from .workers import Barrier, WorkSplit, detect_split, split_regions
-from .writer import WRITERS, RowWriter
+from .split import Barrier, WorkSplit, detect_split, split_regions
+from ..store.writer import WRITERS, RowWriter
 
 ON_LONG = ("truncate", "skip", "error")
 

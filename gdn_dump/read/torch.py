@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .read import Store, open_store
+from .reader import Store, open_store
 
 
 class TorchBatches(IterableDataset):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import StoreError
-from .plan import ArraySpec
-from .store import os_error, write_failure
+from ..errors import StoreError
+from .layout import ArraySpec
+from .create import os_error, write_failure
 
 
 class BackgroundWorker:

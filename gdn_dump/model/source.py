@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import GdnDumpError, RunFailure
+from ..errors import GdnDumpError, RunFailure
 
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # OSErrors of this machine, not of the checkpoint: a rerun elsewhere (or later) can succeed.

@@ -1,0 +1,1 @@
+"""The ``gdn-dump`` command line: parses, calls the library, renders. Nothing imports it."""

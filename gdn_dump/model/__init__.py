@@ -1,0 +1,1 @@
+"""Models: loading through TransformerBridge, what ``--model`` names, the built-in ``tiny``, kernels."""

@@ -1,0 +1,1 @@
+"""Pure math, each fast routine beside a plain reference: exact attention, statistics."""
