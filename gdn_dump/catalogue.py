@@ -32,6 +32,7 @@ Model: ``hook_embed`` and ``ln_final.hook_normalized`` ([d_model]), ``unembed.ho
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from .errors import SelectionError
@@ -108,6 +109,141 @@ class HookSpec:
     short: str | None = None
 
 
+# ---- names: every hook and matrix name of a store is built here ---------------------------------
+
+_LAYER = re.compile(r"blocks\.(\d+)\.")
+MATRIX_SUFFIX = "attn_matrix"
+RESIDUAL_SUFFIX = "attn_residual"
+
+
+def gdn_hook_name(layer: int, short: str) -> str:
+    """``blocks.<layer>.linear_attn.hook_<short>`` (``short`` is a key of :data:`GDN_HOOKS`)."""
+    return f"blocks.{layer}.linear_attn.{GDN_HOOKS[short][0]}"
+
+
+def attention_hook_name(layer: int, suffix: str) -> str:
+    """``blocks.<layer>.attn.<suffix>``, a hook of a softmax-attention layer."""
+    return f"blocks.{layer}.attn.{suffix}"
+
+
+def block_hook_name(layer: int, suffix: str) -> str:
+    """``blocks.<layer>.<suffix>``, a hook every layer has (``hook_resid_post``, ``mlp.hook_pre``)."""
+    return f"blocks.{layer}.{suffix}"
+
+
+def matrix_name(layer: int) -> str:
+    """The effective-attention array of a layer: ``blocks.<layer>.attn_matrix``."""
+    return block_hook_name(layer, MATRIX_SUFFIX)
+
+
+def residual_name(layer: int) -> str:
+    """The per-prompt ``||M V - o|| / ||o||`` of a GDN layer's exact matrix."""
+    return block_hook_name(layer, RESIDUAL_SUFFIX)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer an array or hook name belongs to (``blocks.3.attn_matrix`` -> 3), else None."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_matrix(name: str) -> bool:
+    return layer_of(name) is not None and name == matrix_name(layer_of(name))
+
+
+def is_residual(name: str) -> bool:
+    return layer_of(name) is not None and name == residual_name(layer_of(name))
+
+
+def stored_layers(names, hook: str) -> dict[int, str]:
+    """``{layer: array name}`` among ``names`` for a hook given by short GDN name
+    (``recurrence_out``, ``hook_beta``), by a layer-relative name (``hook_resid_post``,
+    ``attn.hook_z``) or by full name (one layer)."""
+    names = list(names)
+    if hook.startswith("blocks."):
+        layer = layer_of(hook)
+        return {layer: hook} if layer is not None and hook in names else {}
+    short = hook.removeprefix("hook_")
+    found: dict[int, str] = {}
+    for name in names:
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        candidates = [block_hook_name(layer, hook), block_hook_name(layer, f"hook_{short}")]
+        if short in GDN_HOOKS:
+            candidates.insert(0, gdn_hook_name(layer, short))
+        if name in candidates and (layer not in found or
+                                   candidates.index(name) < candidates.index(found[layer])):
+            found[layer] = name
+    return dict(sorted(found.items()))
+
+
+# How a matrix is made: the exact decomposition or TransformerLens's heuristic formula, and for the
+# exact GDN matrix which algorithm (both exact; the chunked one is the default: measured faster than
+# the closed form at every length on the CPU, benchmarks/bench_attn_cpu.txt).
+MATRIX_MODES = ("exact", "heuristic")
+MATRIX_METHODS = ("chunked", "closed_form")
+# The matrix kinds of the store contract (attribute ``kind`` of ``attn_matrix``), by layer type and mode.
+MATRIX_KINDS = {("gdn", "exact"): "gdn_exact", ("gdn", "heuristic"): "gdn_heuristic"}
+SOFTMAX_KIND = "softmax"
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One layer whose attention matrix is stored (``attn-matrix``, ``extract --attn-layers``)."""
+
+    layer: int
+    layer_type: str  # "gdn" | "attention"
+    heads: tuple[int, ...]
+    n_heads: int  # all heads of the layer
+
+    @property
+    def name(self) -> str:
+        return matrix_name(self.layer)
+
+    @property
+    def residual_name(self) -> str:
+        return residual_name(self.layer)
+
+    @property
+    def head_dim(self) -> str:
+        full = "v_head" if self.layer_type == GDN else "attn_head"
+        return full if len(self.heads) == self.n_heads else f"selected_{full}"
+
+    def kind(self, mode: str) -> str:
+        return MATRIX_KINDS[("gdn", mode)] if self.layer_type == GDN else SOFTMAX_KIND
+
+    def has_residual(self, mode: str) -> bool:
+        """Exact GDN matrices are checked against the layer's output on every prompt."""
+        return self.layer_type == GDN and mode == "exact"
+
+
+# ---- index lists -----------------------------------------------------------------------------
+
+
+def parse_indices(text: str, count: int, option: str, noun: str, valid: str) -> list[int]:
+    """Indices and ranges such as ``0,1,4-6``, each in ``range(count)``, in the order given and
+    without repeats. Errors name ``option`` and say what is valid (``valid``)."""
+    indices: list[int] = []
+    for part in _split(text):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+        except ValueError:
+            raise SelectionError(f"{option}: cannot read {part!r}; use 'all', indices and ranges "
+                                 "like 0,1,4-6") from None
+        for index in range(first, last + 1):
+            if index >= count:
+                raise SelectionError(f"{option}: {noun} {index} is out of range; {valid}")
+            if index not in indices:
+                indices.append(index)
+    if not indices:
+        raise SelectionError(f"{option} selects no {noun}")
+    return indices
+
+
 def dimension_sizes(config) -> dict[str, int]:
     """Length of every named dimension; one length per name keeps xarray's rule across a store."""
     n_heads = config.num_attention_heads
@@ -138,19 +274,19 @@ class Catalogue:
         dense_mlp = not getattr(config, "num_experts", 0)
         for layer, kind in enumerate(self.layer_types):
             if kind == GDN:
-                for short, (suffix, dims, scalar) in GDN_HOOKS.items():
-                    self._add(f"blocks.{layer}.linear_attn.{suffix}", layer, kind, dims,
+                for short, (_, dims, scalar) in GDN_HOOKS.items():
+                    self._add(gdn_hook_name(layer, short), layer, kind, dims,
                               scalar=scalar, short=short)
             else:
                 for suffix, dims in _ATTENTION_HOOKS.items():
-                    self._add(f"blocks.{layer}.attn.{suffix}", layer, kind, dims)
+                    self._add(attention_hook_name(layer, suffix), layer, kind, dims)
                 for suffix in _ATTENTION_MATRIX_HOOKS:
-                    self._add(f"blocks.{layer}.attn.{suffix}", layer, kind, ("attn_head",),
+                    self._add(attention_hook_name(layer, suffix), layer, kind, ("attn_head",),
                               kind_of_hook=ATTENTION_MATRIX)
-                self._add(f"blocks.{layer}.hook_attn_out", layer, kind, ("d_model",))
+                self._add(block_hook_name(layer, "hook_attn_out"), layer, kind, ("d_model",))
             for suffix, dims in _BLOCK_HOOKS.items():
                 if dense_mlp or not suffix.startswith("mlp."):
-                    self._add(f"blocks.{layer}.{suffix}", layer, kind, dims)
+                    self._add(block_hook_name(layer, suffix), layer, kind, dims)
         for name, dims in _MODEL_HOOKS.items():
             self._add(name, None, MODEL, dims)
 
@@ -174,7 +310,7 @@ class Catalogue:
         return iter(self.specs.values())
 
     def gdn_hook(self, layer: int, short: str) -> HookSpec:
-        return self.specs[f"blocks.{layer}.linear_attn.{GDN_HOOKS[short][0]}"]
+        return self.specs[gdn_hook_name(layer, short)]
 
     def select(self, hooks: str | list[str] | None, layers: str | None, *,
                allow_empty: bool = False) -> list[HookSpec]:
@@ -209,37 +345,32 @@ class Catalogue:
         order = {name: i for i, name in enumerate(self.specs)}
         return sorted(selected.values(), key=lambda spec: order[spec.name])
 
-    def parse_layers(self, text: str | None, option: str = "--layers") -> list[int]:
-        """``all`` (every GDN layer), or a list of indices and ranges such as ``0,1,4-6``;
-        ``option`` names the option in errors."""
+    def parse_layers(self, text: str | None, option: str = "--layers", *,
+                     all_layers: bool = False) -> list[int]:
+        """``all`` (every GDN layer, or every layer with ``all_layers``), or indices and ranges
+        such as ``0,1,4-6``; ``option`` names the option in errors."""
         if text is None or text.strip() == "all":
-            return self.gdn_layers
+            return list(range(len(self.layer_types))) if all_layers else self.gdn_layers
         n_layers = len(self.layer_types)
-        layers: list[int] = []
-        for part in _split(text):
-            try:
-                if "-" in part[1:]:
-                    lo, hi = (int(x) for x in part.split("-", 1))
-                    span = list(range(lo, hi + 1))
-                    if not span:
-                        raise ValueError
-                else:
-                    span = [int(part)]
-            except ValueError:
-                raise SelectionError(
-                    f"{option}: cannot read {part!r}; use 'all', indices and ranges like 0,1,4-6"
-                ) from None
-            for layer in span:
-                if not 0 <= layer < n_layers:
-                    raise SelectionError(
-                        f"{option}: layer {layer} is out of range; the model has layers "
-                        f"0-{n_layers - 1}, GDN layers {join_indices(self.gdn_layers)}"
-                    )
-                if layer not in layers:
-                    layers.append(layer)
-        if not layers:
-            raise SelectionError(f"{option} selects no layer")
-        return layers
+        valid = f"the model has layers 0-{n_layers - 1}, GDN layers {join_indices(self.gdn_layers)}"
+        return parse_indices(text, n_layers, option, "layer", valid)
+
+    def select_matrices(self, layers: str | None, heads: str | None,
+                        option: str = "--attn-layers") -> list[MatrixSpec]:
+        """``--layer``/``--attn-layers`` (``all`` = every layer) and ``--heads`` (``all`` or a
+        list, the same in every layer) -> the matrices to store."""
+        out = []
+        for layer in self.parse_layers(layers, option, all_layers=True):
+            kind = self.layer_types[layer]
+            n_heads = self.sizes["v_head" if kind == GDN else "attn_head"]
+            chosen = (range(n_heads) if heads is None or heads.strip() == "all" else
+                      parse_indices(heads, n_heads, "--heads", "head",
+                                    f"layer {layer} has heads 0-{n_heads - 1}"))
+            out.append(MatrixSpec(layer, kind, tuple(chosen), n_heads))
+        for group in (GDN, ATTENTION):
+            if len({len(a.heads) for a in out if a.layer_type == group}) > 1:
+                raise SelectionError("--heads must select the same number of heads in every layer")
+        return out
 
     def _full_name(self, name: str) -> HookSpec:
         name = _canonical(name)

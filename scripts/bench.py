@@ -73,10 +73,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from gdn_dump.run.capture import _stop_layer, pad_batch  # noqa: E402
 from gdn_dump.catalogue import GDN_HOOKS, Catalogue  # noqa: E402
-from gdn_dump.model.load import (  # noqa: E402
-    ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE, LoadedModel, build_tiny_tokenizer, load_model, wrap_model,
-)
-from gdn_dump.run.pipeline import ExtractOptions, extract  # noqa: E402
+from gdn_dump.catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: E402
+from gdn_dump.model.load import LoadedModel, load_model, wrap_model  # noqa: E402
+from gdn_dump.tokenizer import build_tiny_tokenizer  # noqa: E402
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract  # noqa: E402
 from gdn_dump.store.layout import SCALAR_DTYPE, make_plan  # noqa: E402
 
 BENCH_TEXT_CONFIG = dict(

@@ -31,13 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn_dump.run.capture import pad_batch  # noqa: E402
-from gdn_dump.model.load import (  # noqa: E402
-    ATTENTION_LAYER_TYPE,
-    GDN_LAYER_TYPE,
-    build_tiny_tokenizer,
-    select_kernels,
-    wrap_model,
-)
+from gdn_dump.catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: E402
+from gdn_dump.model.kernels import select_kernels  # noqa: E402
+from gdn_dump.model.load import wrap_model  # noqa: E402
+from gdn_dump.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 QWEN35_08B = dict(  # published shapes (DESIGN.md section 2)
     hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
@@ -142,7 +139,8 @@ def bridge_agreement(model, device):
 def extract_agreement(model, tmp: Path):
     import zarr
 
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
 
     rng = np.random.default_rng(0)
     prompts = tmp / "check.txt"
@@ -218,7 +216,8 @@ def disk_write(tmp: Path, n_bytes: int) -> float:
 
 def speed(model, tmp: Path, args):
     from gdn_dump.catalogue import DEFAULT_HOOKS
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
     from gdn_dump.store.layout import format_bytes
 
     device = model.device
@@ -292,7 +291,8 @@ def oom_halving(model, tmp: Path, args):
     the same values as an uncapped run."""
     import zarr
 
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
 
     device = model.device
     rng = np.random.default_rng(3)

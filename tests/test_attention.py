@@ -17,6 +17,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
     torch_recurrent_gated_delta_rule,
 )
 
+from gdn_dump.catalogue import MATRIX_METHODS
 from gdn_dump.ops import attention
 from gdn_dump.ops.attention import (
     expand_kv_heads,
@@ -78,7 +79,7 @@ def test_float64_twin_is_transformers_recurrence_bit_for_bit():
     assert torch.equal(gated_delta_rule_recurrent_naive(q, k, v, g, beta), hf_recurrence(q, k, v, beta, g))
 
 
-@pytest.mark.parametrize("method", attention.METHODS)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_float32_reproduces_transformers_recurrence(case, method):
     q, k, v, beta, g = make_hooks(*case)
@@ -87,7 +88,7 @@ def test_float32_reproduces_transformers_recurrence(case, method):
     assert relative_residual(M, v, hf_recurrence(q, k, v, beta, g)).max() < 1e-5
 
 
-@pytest.mark.parametrize("method", attention.METHODS)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_float64_reproduces_float64_recurrence(case, method):
     q, k, v, beta, g = make_hooks(*case, dtype=torch.float64)
@@ -134,7 +135,7 @@ def test_naive_references_equal_closed_form(case):
 def test_input_dtype_does_not_matter_precision_does():
     q, k, _, beta, g = make_hooks(1, 50, 2, 4)
     ref = gdn_effective_attention(q, k, beta, g, precision="float64")
-    for method in attention.METHODS:
+    for method in MATRIX_METHODS:
         from_bf16 = gdn_effective_attention(*(x.bfloat16() for x in (q, k, beta, g)), method=method)
         assert from_bf16.dtype == torch.float32 and torch.isfinite(from_bf16).all()
         assert gdn_effective_attention(q.double(), k.double(), beta, g, method=method).dtype == torch.float32
@@ -145,7 +146,7 @@ def test_input_dtype_does_not_matter_precision_does():
 
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-@pytest.mark.parametrize("method", attention.METHODS)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_upper_triangle_is_exactly_zero(method, precision):
     q, k, _, beta, g = make_hooks(2, 100, 2, 4)
     M = gdn_effective_attention(q, k, beta, g, method=method, precision=precision, chunk_size=32)
@@ -153,7 +154,7 @@ def test_upper_triangle_is_exactly_zero(method, precision):
     assert torch.count_nonzero(torch.diagonal(M, dim1=-2, dim2=-1)) > 0
 
 
-@pytest.mark.parametrize("method", attention.METHODS)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_very_strong_decay_stays_finite_and_exact(method):
     q, k, v, beta, g = make_hooks(1, 130, 2, 4, g_spread=3.0, seed=3)
     g[0, 40:45] = -1e4  # near-total forgetting: |G| ~ 5e4, exp(+5e4) above the diagonal is inf
@@ -165,7 +166,7 @@ def test_very_strong_decay_stays_finite_and_exact(method):
     assert torch.count_nonzero(M[0, :, 45:, :40]) == 0
 
 
-@pytest.mark.parametrize("method", attention.METHODS)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_float32_keeps_accuracy_when_cumulative_decay_is_large(method):
     """After a strongly decaying stretch, G is ~ -1e4; float32 G_i - G_j would lose ~1e-3 there."""
     q, k, _, beta, g = make_hooks(1, 160, 1, 2, seed=4)
@@ -179,7 +180,7 @@ def test_float32_keeps_accuracy_when_cumulative_decay_is_large(method):
 
 def test_single_token_and_empty_prompt():
     q, k, _, beta, g = make_hooks(1, 1, 2, 4)
-    for method in attention.METHODS:
+    for method in MATRIX_METHODS:
         M = gdn_effective_attention(q, k, beta, g, method=method, precision="float64")
         qn, kn = (attention.l2norm(x.double()) for x in (q, k))
         expected = beta.double()[0, 0] * expand_kv_heads((qn * kn).sum(-1), 4)[0, 0] / K**0.5

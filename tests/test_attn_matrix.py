@@ -12,7 +12,8 @@ from gdn_dump.run import attn_capture
 from gdn_dump.ops.attention_reference import gdn_effective_attention_naive
 from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
 
 from .conftest import reference_cache

@@ -141,7 +141,8 @@ def test_verify_and_finalize_commands(tiny, ragged_txt, tmp_path):
     from typer.testing import CliRunner
 
     from gdn_dump.cli.app import app
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
 
     out = tmp_path / "s.zarr"
     extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="q,beta"), model=tiny)

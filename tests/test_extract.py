@@ -11,8 +11,9 @@ import zarr
 
 from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS
 from gdn_dump.errors import GdnDumpError, StoreError
-from gdn_dump.model.load import save_tiny_checkpoint
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.model.tiny import save_tiny_checkpoint
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
 
 from .conftest import reference_cache

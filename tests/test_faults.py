@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure, StoreError
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.store.layout import ArraySpec, format_bytes
 from gdn_dump.store.create import check_out, checked_dtype
 from gdn_dump.store.create import _create_array

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from gdn_dump.cli.app import app
 from gdn_dump.errors import GdnDumpError, RunFailure
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 
 
 def _run(tiny, prompts, out, **kw):

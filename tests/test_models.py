@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gdn_dump.errors import GdnDumpError
-from gdn_dump.model.load import build_tiny_model, load_config, resolve_model_dtype, select_kernels
+from gdn_dump.model.kernels import select_kernels
+from gdn_dump.model.load import load_config, resolve_model_dtype
+from gdn_dump.model.tiny import build_tiny_model
 
 
 def test_tiny_is_deterministic_and_has_every_code_path():

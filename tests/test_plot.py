@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from gdn_dump.read import figures
 from gdn_dump.cli.app import app
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 
 from .conftest import RAGGED_PROMPTS
 
@@ -214,7 +215,7 @@ def test_norm_profile_is_a_plain_loop(group):
 
 
 def test_attention_data_and_token_labels(group):
-    from gdn_dump.model.load import build_tiny_tokenizer
+    from gdn_dump.tokenizer import build_tiny_tokenizer
     from gdn_dump.read.plots import token_labels
 
     data = figures.attention_data(group, layer=0, head=3, prompt=0)

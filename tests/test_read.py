@@ -17,9 +17,11 @@ import zarr
 import gdn_dump
 from gdn_dump import open_store
 from gdn_dump.errors import RunFailure, StoreError
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
-from gdn_dump.read.reader import chunk_unit, load_tokenizer_offline
+from gdn_dump.read.reader import chunk_unit
+from gdn_dump.tokenizer import load_tokenizer_offline
 
 from .conftest import RAGGED_PROMPTS, reference_cache
 from .disk import fill_disk_at

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import zarr
 
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.store.create import open_group
 
 from .s3server import s3_server, s3_url  # noqa: F401

@@ -7,7 +7,8 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.run.schedule import batches, padding_fraction
 
 lengths_strategy = st.lists(st.integers(0, 40), min_size=1, max_size=60)

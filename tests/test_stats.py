@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from gdn_dump.cli.app import app
 from gdn_dump.errors import RunFailure
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.ops.stats import (
     BETA_EDGES,
     HALF_LIFE_EDGES,

@@ -12,7 +12,8 @@ import zarr
 
 from gdn_dump.store import verify
 from gdn_dump.errors import StoreError
-from gdn_dump.run.pipeline import ExtractOptions, extract
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
 from gdn_dump.store.verify import Check, render, verify_store
 
 from .conftest import RAGGED_PROMPTS

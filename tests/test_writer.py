@@ -69,7 +69,8 @@ def test_write_errors_surface_as_run_failure(tmp_path):
 def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dtype):
     pytest.importorskip("tensorstore")
     xr = pytest.importorskip("xarray")
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
 
     stores = {}
     for writer in ("zarr", "tensorstore"):
@@ -92,7 +93,8 @@ def test_tensorstore_writer_gives_the_same_store(tiny, ragged_txt, tmp_path, dty
 
 @pytest.mark.parametrize("writer", ["tensorstore", "zarr"])
 def test_sharded_store_equals_the_unsharded_one(tiny, ragged_txt, tmp_path, writer):
-    from gdn_dump.run.pipeline import ExtractOptions, extract
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
 
     def run(out, **kw):
         extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="v,beta",

@@ -213,7 +213,7 @@ def extract(
     debug: bool = DebugOpt,
 ) -> None:
     """Run prefill over the prompts and stream the selected hooks into a Zarr store."""
-    from ..run.pipeline import ExtractOptions
+    from ..run.options import ExtractOptions
 
     try:
         budget, window = _size(max_bytes), _size(sort_window)
@@ -277,7 +277,7 @@ def attn_matrix(
 ) -> None:
     """Store attention matrices: the exact effective attention of GDN layers (M with o_i = sum_j
     M[i,j] v_j, checked against the layer's output on every prompt) and softmax patterns."""
-    from ..run.pipeline import ExtractOptions
+    from ..run.options import ExtractOptions
 
     try:
         budget, window = _size(max_bytes), _size(sort_window)

@@ -32,13 +32,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-METHODS = ("closed_form", "chunked")
+from ..catalogue import MATRIX_METHODS
+from ..dtypes import PRECISIONS
+
 L2NORM_EPS = 1e-6  # transformers' l2norm (and fla's): x * rsqrt(sum x^2 + 1e-6)
 
 __all__ = [
-    "METHODS",
-    "PRECISIONS",
     "expand_kv_heads",
     "gdn_effective_attention",
     "heuristic_effective_attention",
@@ -55,8 +54,8 @@ __all__ = [
 def resolve_precision(precision: str) -> torch.dtype:
     """``"float32"`` | ``"float64"`` -> the torch dtype the computation runs (and returns) in."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return getattr(torch, precision)
 
 
 def expand_kv_heads(x: torch.Tensor, n_v_heads: int) -> torch.Tensor:
@@ -301,8 +300,8 @@ def gdn_effective_attention(
     """
     dtype = resolve_precision(precision)
     B, T, _, _, Hv = _check_inputs(q, k, beta, g)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in MATRIX_METHODS:
+        raise ValueError(f"method must be one of {MATRIX_METHODS}, got {method!r}")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if T == 0:

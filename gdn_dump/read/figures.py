@@ -257,7 +257,7 @@ def _ranges(values: list[int]) -> str:
 def store_tokenizer(group):
     """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be
     (then labels are token ids)."""
-    from .reader import load_tokenizer_offline
+    from ..tokenizer import load_tokenizer_offline
 
     model = (group.attrs.get("gdn_dump") or {}).get("model") or {}
     return load_tokenizer_offline(model.get("name"), model.get("revision"))

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import StoreError
+from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
 from ..store.create import ATTR, COMPLETE, open_group
 
@@ -397,29 +398,6 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _length(part: dict[str, np.ndarray]) -> int:
     return int(part["tokens"].shape[0])
-
-
-# ---- the tokenizer, offline -------------------------------------------------------------------
-
-def load_tokenizer_offline(name: str | None, revision: str | None = None):
-    """The tokenizer of model ``name`` from local files only (``tiny``: built in); None if that
-    fails. Never downloads: a reader must not reach the network to show text."""
-    if not name:
-        return None
-    from ..model.load import TINY_NAME, build_tiny_tokenizer, resolve_source
-
-    if name == TINY_NAME:
-        return build_tiny_tokenizer()
-    try:
-        from transformers import AutoTokenizer
-
-        # local_files_only: the Hugging Face cache or a checkpoint directory, never a request;
-        # no trust_remote_code: reading a store must not run a checkpoint's code.
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name), revision=revision,
-                                                  local_files_only=True)
-    except Exception:  # not cached, directory gone, remote code needed, ...: no text, not an error
-        return None
-    return tokenizer if len(tokenizer) >= 2 else None
 
 
 # ---- lazy coordinates for xarray --------------------------------------------------------------

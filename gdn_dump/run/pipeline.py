@@ -5,8 +5,6 @@ The library does the work and reports through a :class:`Reporter`; the CLI only 
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
 import resource
 import time
@@ -20,18 +18,15 @@ import zarr
 from .attn_capture import (
     RESIDUAL_LIMIT,
     AttentionCapture,
-    check_attention_options,
     check_budget,
-    select_attn_layers,
 )
 from .capture import Capture
+from .options import ExtractOptions, resolve
 from ..catalogue import Catalogue
 from .session import Session, fault, fingerprint, open_session, signals_as_exceptions
 from ..errors import GdnDumpError, RunFailure, Terminated
 from ..store.ledger import finalize, read_record, region_status, write_record
-from ..store.location import locate
 from ..model.load import (
-    KERNEL_CHOICES,
     LoadedModel,
     load_config,
     load_model,
@@ -44,63 +39,10 @@ from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
 from ..ops.stats import for_arrays, from_json, to_json
-from ..store.create import ATTR, COMPLETE, FAILED, check_out, compressors_for, has_store, open_group, provenance_base
+from ..store.create import ATTR, COMPLETE, FAILED, check_out, has_store, open_group, provenance_base
 from .tokens import describe, tokenized, tokenized_blocks
 from .split import Barrier, WorkSplit, detect_split, split_regions
-from ..store.writer import WRITERS, RowWriter
-
-ON_LONG = ("truncate", "skip", "error")
-
-
-@dataclass
-class ExtractOptions:
-    """Everything ``gdn-dump extract`` takes; the names are the CLI option names."""
-
-    model: str
-    prompts: str
-    out: str
-    hooks: str | None = None
-    layers: str | None = None
-    revision: str | None = None
-    device: str = "auto"
-    model_dtype: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False
-    kernels: str = "auto"
-    text_field: str = "text"
-    encoding_errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD, lines counted
-    max_length: int | None = None
-    on_long: str = "truncate"  # a prompt over max_length: truncate, skip (no tokens) or error
-    batch_size: int = 8
-    max_batch_tokens: int | None = None
-    # Prompts run longest first within windows of this many bytes of rows (0: file order); the
-    # sink holds at most one window to put rows back in prompt order.
-    sort_window_bytes: int = 1 << 30
-    dtype: str = "float16"
-    chunk_tokens: int | None = None
-    shard_tokens: int | None = None
-    compressor: str = "none"
-    # Who writes the chunks (zarr-python always creates the arrays): TensorStore's zarr3 driver by
-    # default, measured 1.13x faster end to end on the CPU bench with byte-identical stores.
-    writer: str = "tensorstore"
-    overwrite: bool = False
-    dry_run: bool = False
-    force: bool = False
-    attn_layers: str | None = None  # layers whose attention matrix is stored ("all", lists)
-    attn_heads: str | None = None
-    attn_mode: str = "exact"  # or "heuristic" (TransformerLens's formula)
-    attn_method: str = "chunked"  # or closed_form
-    attn_precision: str = "float32"
-    max_attn_bytes: int = 16 << 30
-    command_line: list[str] = field(default_factory=list)
-    command: str = "extract"  # or "attn-matrix": names the layer option in errors
-    shard: str | None = None  # "I/N"; torchrun's RANK / WORLD_SIZE are read without it
-    resume: bool = False  # continue from the store's progress ledger (or start if there is none)
-    wait_timeout: float = 600.0  # seconds a process waits for process 0 to create the store
-    checkpoint_every: float = 60.0  # seconds between progress records (at unit boundaries)
-    fail_on_nonfinite: bool = False  # stop at the first batch with NaN/inf in a hook
-    stats: bool = True  # per-head statistics of every stored array, computed while writing
-
+from ..store.writer import RowWriter
 
 @dataclass
 class ExtractResult:
@@ -143,9 +85,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
     prompt file, the hook and layer selection, the matrix budget and the free disk space.
     """
     reporter = reporter or Reporter()
-    _validate(opts)
-    if opts.writer == "tensorstore" and not locate(opts.out).is_local:
-        opts = dataclasses.replace(opts, writer="zarr")  # TensorStore writes local files here
+    opts = resolve(opts)
     split = detect_split(opts.shard)
     fresh = split.creator and not (opts.resume and has_store(opts.out))
     if not opts.dry_run and fresh:
@@ -214,37 +154,12 @@ def _device_for(device: str, split: WorkSplit) -> torch.device:
     return resolve_device(device)
 
 
-def _validate(opts: ExtractOptions) -> None:
-    compressors_for(opts.compressor)
-    check_attention_options(opts.attn_mode, opts.attn_method, opts.attn_precision)
-    if opts.kernels not in KERNEL_CHOICES:
-        raise GdnDumpError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, not {opts.kernels!r}")
-    if opts.writer not in WRITERS:
-        raise GdnDumpError(f"--writer must be one of {', '.join(WRITERS)}, not {opts.writer!r}")
-    if opts.writer == "tensorstore" and importlib.util.find_spec("tensorstore") is None:
-        raise GdnDumpError("--writer tensorstore needs TensorStore: pip install tensorstore")
-    if opts.batch_size < 1:
-        raise GdnDumpError(f"--batch-size must be at least 1, not {opts.batch_size}")
-    if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
-        raise GdnDumpError(f"--max-batch-tokens must be at least 1, not {opts.max_batch_tokens}")
-    if opts.checkpoint_every < 0 or opts.wait_timeout < 0:
-        raise GdnDumpError("--checkpoint-every and --wait-timeout must not be negative")
-    if opts.sort_window_bytes < 0:
-        raise GdnDumpError(f"--sort-window must be 0 (off) or a size, not {opts.sort_window_bytes}")
-    if opts.max_length is not None and opts.max_length < 1:
-        raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
-    if opts.on_long not in ON_LONG:
-        raise GdnDumpError(f"--on-long must be one of {', '.join(ON_LONG)}, not {opts.on_long!r}")
-    if opts.on_long != "truncate" and opts.max_length is None:
-        raise GdnDumpError(f"--on-long {opts.on_long} needs --max-length (the length that is too long)")
-
-
 def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
              processes: int = 1) -> Plan:
     """Resolve the selection, tokenise every prompt once for its length, lay out the store
     (with ``processes`` regions, each starting on a chunk boundary)."""
     option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
-    attn_layers = (select_attn_layers(catalogue, opts.attn_layers, opts.attn_heads, option)
+    attn_layers = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
                    if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(attn_layers))
     lengths = np.empty(source.count, dtype=np.int64)

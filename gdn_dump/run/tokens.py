@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 TOKENIZE_BLOCK = 512
+ON_LONG = ("truncate", "skip", "error")  # --on-long: what happens to a prompt over --max-length
 
 
 def describe(source, index: int) -> str:

@@ -27,7 +27,7 @@ ATTR = "gdn_dump"
 IN_PROGRESS = "in_progress"
 COMPLETE = "complete"
 FAILED = "failed"
-_COMPRESSORS = ("none", "zstd", "blosc")
+COMPRESSORS = ("none", "zstd", "blosc")
 _TS_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
@@ -38,7 +38,7 @@ def compressors_for(name: str):
         return [zarr.codecs.ZstdCodec(level=1)]
     if name == "blosc":
         return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
-    raise StoreError(f"--compressor must be one of {', '.join(_COMPRESSORS)}, not {name!r}")
+    raise StoreError(f"--compressor must be one of {', '.join(COMPRESSORS)}, not {name!r}")
 
 
 def check_out(out: str | Path, *, overwrite: bool) -> Location:
