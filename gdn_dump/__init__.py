@@ -1,6 +1,8 @@
 """gdn-dump: stream Gated DeltaNet internals of Qwen3.5 / Qwen3-Next models into chunked Zarr stores."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("gdn-dump")
 
 # zarr-python 3.1 has no core bfloat16: importing gdn_dump registers the zarr-extensions
 # ``bfloat16`` data type, so ``import gdn_dump`` is all a reader needs to open bfloat16 stores.

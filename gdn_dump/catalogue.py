@@ -267,7 +267,10 @@ def dimension_sizes(config) -> dict[str, int]:
 class Catalogue:
     """All storable hooks of one model, by full name."""
 
-    def __init__(self, config):
+    def __init__(self, config, aliases: dict[str, str] | None = None):
+        # GDN hook aliases (``hook_ssm_decay`` -> ``hook_log_decay``): TransformerLens's table,
+        # handed in by the model layer (see gdn_dump.model.load.catalogue), stored canonically.
+        self.aliases = dict(aliases or {})
         self.layer_types = [_layer_kind(t) for t in config.layer_types]
         self.sizes = dimension_sizes(config)
         self.specs: dict[str, HookSpec] = {}
@@ -373,7 +376,9 @@ class Catalogue:
         return out
 
     def _full_name(self, name: str) -> HookSpec:
-        name = _canonical(name)
+        prefix, _, last = name.rpartition(".")
+        if ".linear_attn" in prefix and last in self.aliases:  # TransformerLens's other names
+            name = f"{prefix}.{self.aliases[last]}"
         if name in self.specs:
             return self.specs[name]
         raise SelectionError(_unknown("hook", name, list(self.specs)))
@@ -385,18 +390,6 @@ def _layer_kind(layer_type: str) -> str:
     if layer_type == ATTENTION_LAYER_TYPE:
         return ATTENTION
     raise SelectionError(f"unsupported layer type {layer_type!r}")
-
-
-def _canonical(name: str) -> str:
-    """Map TransformerLens's alias hook names (``hook_ssm_decay`` ...) to the canonical ones."""
-    from transformer_lens.model_bridge.generalized_components.gated_delta_net import (
-        GatedDeltaNetBridge,
-    )
-
-    prefix, _, last = name.rpartition(".")
-    if ".linear_attn" in prefix and last in GatedDeltaNetBridge.hook_aliases:
-        return f"{prefix}.{GatedDeltaNetBridge.hook_aliases[last]}"
-    return name
 
 
 def _split(text: str | list[str]) -> list[str]:

@@ -1,4 +1,8 @@
-"""Shared fixtures: the built-in tiny model (loaded once) and prompt files of ragged lengths."""
+"""Shared fixtures: the built-in tiny model (loaded once) and prompt files of ragged lengths.
+
+No torch at import (the reading tests run where torch is not installed): the model fixture loads
+it when a test asks for it.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,14 @@ import json
 import random
 
 import pytest
-import torch
 
-from gdn_dump.model.load import load_model
-
-# Very different lengths: 1 token, a few, ~60, ~300; a multi-byte character; a blank line skipped.
-RAGGED_PROMPTS = [
-    "hello world",
-    "x",
-    "The quick brown fox jumps over the lazy dog, again and again.",
-    "",
-    "naïve café — ünïcødé " * 3,
-    " ".join(f"word{i}" for i in range(50)),
-    "short one",
-]
+from .helpers import RAGGED_PROMPTS
 
 
 @pytest.fixture(scope="session")
 def tiny():
+    from gdn_dump.model.load import load_model
+
     return load_model("tiny", device="cpu")
 
 
@@ -43,11 +37,3 @@ def prompts_jsonl(tmp_path):
             for i in range(9)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path, rows
-
-
-def reference_cache(model, text: str):
-    """TransformerLens ``run_with_cache`` of one prompt alone (the independent reference)."""
-    ids = torch.tensor([model.tokenizer(text)["input_ids"]])
-    with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(ids, use_cache=False)
-    return ids[0], cache

@@ -1,6 +1,6 @@
 """A local S3-compatible server for the tests: moto in server mode on 127.0.0.1.
 
-Import the fixtures where they are needed (``from .s3server import s3_server, s3_url``). Tests
+Import the fixtures where they are needed (``from ..s3server import s3_server, s3_url``). Tests
 that use them are skipped when ``moto[server]`` or ``s3fs`` is not installed (the ``test`` extra
 brings both). Nothing here talks to a real endpoint: the environment that botocore/s3fs read
 (``AWS_ENDPOINT_URL``, fake credentials, region) points at the local server for the whole session,

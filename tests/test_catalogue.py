@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn_dump.catalogue import ATTENTION_MATRIX, DEFAULT_HOOKS, GDN_HOOKS, Catalogue
+from gdn_dump.catalogue import ATTENTION_MATRIX, DEFAULT_HOOKS, GDN_HOOKS
 from gdn_dump.errors import SelectionError
+from gdn_dump.model.load import catalogue as catalogue_of
 
 
 @pytest.fixture(scope="module")
 def catalogue(tiny):
-    return Catalogue(tiny.config)
+    return catalogue_of(tiny.config)
 
 
 def test_every_entry_matches_the_bridge(tiny, catalogue):
@@ -90,9 +91,9 @@ def test_short_names_cover_the_bridge_docstring():
 
 
 def test_all_and_default_expand_to_the_gdn_hooks(tiny):
-    from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS, Catalogue
+    from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS
 
-    catalogue = Catalogue(tiny.config)
+    catalogue = catalogue_of(tiny.config)
     assert {h.short for h in catalogue.select("all", "0")} == set(GDN_HOOKS)
     assert [h.name for h in catalogue.select("default", None)] == [h.name for h in catalogue.select(None, None)]
     both = catalogue.select("default,blocks.3.hook_resid_post", "1")

@@ -304,11 +304,11 @@ def hooks(
     debug: bool = DebugOpt,
 ) -> None:
     """Print the hook catalogue: every storable hook with its per-token shape and layer type."""
-    from ..catalogue import GDN_HOOKS, Catalogue
-    from ..model.load import load_config
+    from ..catalogue import GDN_HOOKS
+    from ..model.load import catalogue as catalogue_of, load_config
 
     try:
-        catalogue = Catalogue(load_config(model, revision=revision, trust_remote_code=trust_remote_code))
+        catalogue = catalogue_of(load_config(model, revision=revision, trust_remote_code=trust_remote_code))
     except Exception as exc:
         _fail(exc, debug)
     table = Table(title=f"hooks of {model} (short GDN names: {', '.join(GDN_HOOKS)})")

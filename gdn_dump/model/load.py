@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..catalogue import GDN_LAYER_TYPE
+from ..catalogue import GDN_LAYER_TYPE, Catalogue
 from ..dtypes import MODEL_DTYPES, check
 from ..errors import GdnDumpError
 from ..tokenizer import TINY_NAME, build_tiny_tokenizer
@@ -23,6 +23,15 @@ from .source import load_error, loading_errors, no_safetensors, resolve_source
 from .tiny import build_tiny_model, tiny_text_config
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
+def catalogue(config) -> Catalogue:
+    """The hook catalogue of a model config, with TransformerLens's GDN hook aliases."""
+    from transformer_lens.model_bridge.generalized_components.gated_delta_net import (
+        GatedDeltaNetBridge,
+    )
+
+    return Catalogue(config, aliases=GatedDeltaNetBridge.hook_aliases)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -16,17 +16,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import torch
 
-from ..store.bfloat16 import to_storage_numpy
 from ..catalogue import ATTENTION_MATRIX, MODEL, HookSpec
-from ..errors import RunFailure
-from ..store.layout import SCALAR_DTYPE
+from ..dtypes import STORAGE_DTYPES, hook_dtype
+from ..errors import GdnDumpError, RunFailure
+from ..model.load import torch_dtype
 from ..ops.stats_device import batch_stats
 
 OVERFLOW, NONFINITE = "overflow", "nonfinite"
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -64,6 +64,25 @@ class CapturedBatch:
         return {name: int(n) for (k, name), n in zip(self.count_keys, values) if k == kind and n}
 
 
+def to_storage_numpy(t: torch.Tensor, name: str) -> np.ndarray:
+    """Convert a CPU float tensor to a numpy array in the storage dtype ``name``.
+
+    numpy has no bfloat16, so ``Tensor.numpy()`` refuses torch.bfloat16; instead the bf16 bits are
+    reinterpreted (torch int16 view -> numpy -> view as ml_dtypes.bfloat16). This is exact, and
+    other float inputs are rounded once by torch's own cast (round-to-nearest-even, as
+    ml_dtypes does), never via an extra float32 copy of a bf16 tensor.
+    """
+    t = t.detach()
+    if name == "bfloat16":
+        bits = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+        return bits.view(ml_dtypes.bfloat16)
+    if name == "float16":
+        return t.to(torch.float16).numpy()
+    if name == "float32":
+        return t.to(torch.float32).numpy()
+    raise GdnDumpError(f"unknown storage dtype {name!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+
+
 class Capture:
     """Runs prefill on padded batches and collects the selected hooks."""
 
@@ -76,7 +95,7 @@ class Capture:
         # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
         # (see stats_device) instead of on the host; None: the host computes them
         self.stats = stats or {}
-        self.dtypes = {h.name: SCALAR_DTYPE if h.scalar else storage_dtype for h in hooks}
+        self.dtypes = {h.name: hook_dtype(h.scalar, storage_dtype) for h in hooks}
         attn_layers = [a.layer for a in attention.layers] if attention else []
         self.stop_at_layer = _stop_layer(hooks, attn_layers)
         self.cuda = device.type == "cuda"
@@ -140,7 +159,7 @@ class Capture:
                 ]
             return keep_matrix
 
-        dtype = _TORCH_DTYPES[self.dtypes[spec.name]]
+        dtype = torch_dtype(self.dtypes[spec.name])
 
         def keep_rows(tensor: torch.Tensor, hook) -> None:
             rows = tensor.reshape(-1, *tensor.shape[2:])

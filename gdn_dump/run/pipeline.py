@@ -28,6 +28,7 @@ from ..errors import GdnDumpError, RunFailure, Terminated
 from ..store.ledger import finalize, read_record, region_status, write_record
 from ..model.load import (
     LoadedModel,
+    catalogue,
     load_config,
     load_model,
     load_tokenizer,
@@ -39,7 +40,8 @@ from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, units
 from .sink import BatchSink, UnitEnd
 from ..ops.stats import for_arrays, from_json, to_json
-from ..store.create import ATTR, COMPLETE, FAILED, check_out, has_store, open_group, provenance_base
+from ..store.create import ATTR, COMPLETE, FAILED, check_out, has_store, open_group
+from ..store.provenance import provenance_base
 from .tokens import describe, tokenized, tokenized_blocks
 from .split import Barrier, WorkSplit, detect_split, split_regions
 from ..store.writer import RowWriter
@@ -99,7 +101,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
                                        trust_remote_code=opts.trust_remote_code)
         else:
             config, tokenizer = model.config, model.tokenizer
-        plan = plan_run(opts, Catalogue(config), tokenizer, source, split.count)
+        plan = plan_run(opts, catalogue(config), tokenizer, source, split.count)
         result = ExtractResult(plan=plan, out=opts.out, model=model, split=split,
                                replaced_lines=source.replaced_lines)
         check_budget(plan, opts.max_attn_bytes)

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import GdnDumpError
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "BFLOAT16_NAME",
@@ -37,7 +34,6 @@ __all__ = [
     "is_bfloat16_supported",
     "register_bfloat16",
     "storage_dtype",
-    "to_storage_numpy",
 ]
 
 BFLOAT16_NAME = "bfloat16"
@@ -193,29 +189,6 @@ def storage_dtype(name: str) -> Any:
     if name == BFLOAT16_NAME:
         register_bfloat16()
         return BFloat16()
-    raise GdnDumpError(f"Unknown storage dtype {name!r}: expected float32, float16 or bfloat16.")
-
-
-def to_storage_numpy(t: torch.Tensor, name: str) -> np.ndarray:
-    """Convert a CPU float tensor to a numpy array in the storage dtype ``name``.
-
-    numpy has no bfloat16, so ``Tensor.numpy()`` refuses torch.bfloat16; instead the bf16 bits are
-    reinterpreted (torch int16 view -> numpy -> view as ml_dtypes.bfloat16). This is exact, and
-    other float inputs are rounded once by torch's own cast (round-to-nearest-even, as
-    ml_dtypes does), never via an extra float32 copy of a bf16 tensor.
-    """
-    import torch
-
-    t = t.detach()
-    if name == BFLOAT16_NAME:
-        if ml_dtypes is None:
-            raise GdnDumpError(_UNSUPPORTED_MSG)
-        bits = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-        return bits.view(ml_dtypes.bfloat16)
-    if name == "float16":
-        return t.to(torch.float16).numpy()
-    if name == "float32":
-        return t.to(torch.float32).numpy()
     raise GdnDumpError(f"Unknown storage dtype {name!r}: expected float32, float16 or bfloat16.")
 
 

@@ -6,7 +6,6 @@ The layout is the store contract of DESIGN.md section 4; rows are written by
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import json
 import os
@@ -17,7 +16,6 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from .. import __version__
 from .bfloat16 import storage_dtype
 from ..errors import RunFailure, StoreError
 from .location import Location, locate
@@ -202,10 +200,6 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
     group.attrs[ATTR] = meta
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open a gdn-dump store (a local directory or a URL such as ``s3://bucket/prefix``)."""
     loc = locate(path)
@@ -233,27 +227,3 @@ def store_summary(group: zarr.Group) -> list[dict]:
             "stored_bytes": arr.nbytes_stored(),
         })
     return rows
-
-
-def provenance_base(command_line: list[str]) -> dict:
-    import platform
-
-    import torch
-    import transformer_lens
-    import transformers
-
-    return {
-        "tool": "gdn-dump",
-        "version": __version__,
-        "command_line": command_line,
-        "created": now_iso(),
-        "host": platform.node(),
-        "libraries": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-            "zarr": zarr.__version__,
-            "numpy": np.__version__,
-        },
-    }

@@ -21,7 +21,8 @@ import zarr
 
 from ..errors import RunFailure, StoreError
 from ..ops.stats import merged
-from .create import COMPLETE, FAILED, now_iso, set_status
+from .create import COMPLETE, FAILED, set_status
+from .provenance import now_iso
 
 PROGRESS = "_progress"
 

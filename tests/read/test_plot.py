@@ -15,7 +15,7 @@ from gdn_dump.cli.app import app
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 
-from .conftest import RAGGED_PROMPTS
+from ..helpers import RAGGED_PROMPTS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GDN_LAYERS = [0, 1, 2]

@@ -14,7 +14,7 @@ from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.store.create import open_group
 
-from .s3server import s3_server, s3_url  # noqa: F401
+from ..s3server import s3_server, s3_url  # noqa: F401
 
 
 def _extract(tiny, prompts, out, **kw):

@@ -24,7 +24,7 @@ from gdn_dump.ops.stats import (
     naive,
 )
 
-from .disk import fill_disk_at
+from ..disk import fill_disk_at
 
 RTOL = 1e-9
 HOOKS = "v,beta,log_decay,recurrence_out,blocks.0.hook_resid_post"

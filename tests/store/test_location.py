@@ -13,7 +13,7 @@ import zarr
 from gdn_dump.errors import StoreError
 from gdn_dump.store.location import Location, locate
 
-from .s3server import s3_server, s3_url  # noqa: F401
+from ..s3server import s3_server, s3_url  # noqa: F401
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -27,8 +27,8 @@ from gdn_dump.store.layout import ArraySpec, format_bytes
 from gdn_dump.store.create import check_out, checked_dtype
 from gdn_dump.store.create import _create_array
 
-from .disk import fill_disk_at
-from .s3server import s3_server, s3_url  # noqa: F401
+from ..disk import fill_disk_at
+from ..s3server import s3_server, s3_url  # noqa: F401
 
 WRITERS = ["tensorstore", "zarr"]
 # Small chunks and one batch per unit (file order), so the run has many chunk writes and, with

@@ -16,7 +16,7 @@ from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.store.verify import Check, render, verify_store
 
-from .conftest import RAGGED_PROMPTS
+from ..helpers import RAGGED_PROMPTS
 
 NAMES = ["status", "ledger", "arrays", "layout", "rows written", "finite", "provenance"]
 Q, BETA = "blocks.0.linear_attn.hook_q", "blocks.0.linear_attn.hook_beta"

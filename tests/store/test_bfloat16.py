@@ -11,6 +11,7 @@ import torch
 import zarr
 
 import gdn_dump.store.bfloat16 as bf
+from gdn_dump.run.capture import to_storage_numpy
 from gdn_dump.errors import GdnDumpError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -188,40 +189,40 @@ def test_zarr_reads_tensorstore_written(tmp_path):
 def test_torch_bfloat16_to_numpy_is_bit_exact():
     bits = _bits(_special_values((7, 9), seed=4)).astype(np.int32)
     t = torch.from_numpy(bits.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
-    out = bf.to_storage_numpy(t, "bfloat16")
+    out = to_storage_numpy(t, "bfloat16")
     assert out.dtype == BF16
     np.testing.assert_array_equal(_bits(out), bits.astype(np.uint16))
     # non-contiguous input
-    out_t = bf.to_storage_numpy(t.T, "bfloat16")
+    out_t = to_storage_numpy(t.T, "bfloat16")
     np.testing.assert_array_equal(_bits(out_t), bits.astype(np.uint16).T)
 
 
 def test_torch_float32_to_bfloat16_rounds_like_ml_dtypes():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e3
     x[:4] = torch.tensor([float("inf"), float("-inf"), 3.4e38, -1e-40])
-    out = bf.to_storage_numpy(x, "bfloat16")
+    out = to_storage_numpy(x, "bfloat16")
     np.testing.assert_array_equal(_bits(out), _bits(x.numpy().astype(BF16)))
-    nan = bf.to_storage_numpy(torch.tensor([float("nan")]), "bfloat16")
+    nan = to_storage_numpy(torch.tensor([float("nan")]), "bfloat16")
     assert np.isnan(nan.astype(np.float32)).all()
 
 
 def test_torch_other_storage_dtypes():
     x = torch.tensor([1.0, 1e-8, 70000.0, float("nan"), float("-inf")], dtype=torch.float32)
-    f16 = bf.to_storage_numpy(x, "float16")
+    f16 = to_storage_numpy(x, "float16")
     assert f16.dtype == np.float16
     with np.errstate(over="ignore"):  # 70000 overflows to inf in float16 on both sides
         expected = x.numpy().astype(np.float16)
     np.testing.assert_array_equal(f16.view(np.uint16), expected.view(np.uint16))
-    f32 = bf.to_storage_numpy(x.to(torch.bfloat16), "float32")
+    f32 = to_storage_numpy(x.to(torch.bfloat16), "float32")
     assert f32.dtype == np.float32
     np.testing.assert_array_equal(f32, x.to(torch.bfloat16).float().numpy())
     with pytest.raises(GdnDumpError):
-        bf.to_storage_numpy(x, "int8")
+        to_storage_numpy(x, "int8")
 
 
 def test_torch_to_zarr_end_to_end(tmp_path):
     t = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     arr = zarr.create_array(tmp_path / "e", shape=(4, 8), chunks=(2, 8), dtype=bf.storage_dtype("bfloat16"))
-    arr[:] = bf.to_storage_numpy(t, "bfloat16")
+    arr[:] = to_storage_numpy(t, "bfloat16")
     back = zarr.open_array(tmp_path / "e", mode="r")[:]
     np.testing.assert_array_equal(_bits(back), t.view(torch.int16).numpy().view(np.uint16))

@@ -23,9 +23,9 @@ from gdn_dump.run.prompts import open_prompts
 from gdn_dump.read.reader import chunk_unit
 from gdn_dump.tokenizer import load_tokenizer_offline
 
-from .conftest import RAGGED_PROMPTS, reference_cache
-from .disk import fill_disk_at
-from .s3server import s3_server, s3_url  # noqa: F401
+from ..helpers import RAGGED_PROMPTS, reference_cache
+from ..disk import fill_disk_at
+from ..s3server import s3_server, s3_url  # noqa: F401
 
 WORDS = ["alpha", "b", "gamma delta", "é", "zz", "the quick"]
 # Small chunks, file order, one batch per unit, a record at every unit boundary: many chunks,

@@ -16,7 +16,7 @@ from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
 
-from .conftest import reference_cache
+from ..helpers import reference_cache
 
 
 def _run(tiny, prompts, out, **kw):

@@ -128,7 +128,7 @@ def test_shipped_configs_use_only_extract_options():
 
     command = typer.main.get_command(app).commands["extract"]
     names = {p.name for p in command.params}
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
     assert len(configs) >= 4
     for path in configs:
         for key in tomllib.loads(path.read_text()):
