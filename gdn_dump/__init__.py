@@ -4,11 +4,9 @@ from importlib.metadata import version as _version
 
 __version__ = _version("gdn-dump")
 
-# zarr-python 3.1 has no core bfloat16: importing gdn_dump registers the zarr-extensions
-# ``bfloat16`` data type, so ``import gdn_dump`` is all a reader needs to open bfloat16 stores.
-from .store.bfloat16 import is_bfloat16_supported as _bf16_ok  # noqa: E402
-
-_bf16_ok()
+# Importing gdn_dump changes nothing outside it. zarr finds the bfloat16 data type through the
+# ``zarr.data_type`` entry point (gdn_dump.store.bfloat16), in any process where gdn-dump is
+# installed, whether or not it imports gdn_dump.
 
 __all__ = ["__version__", "open_store", "Store"]
 

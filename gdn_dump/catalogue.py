@@ -116,9 +116,14 @@ MATRIX_SUFFIX = "attn_matrix"
 RESIDUAL_SUFFIX = "attn_residual"
 
 
+def linear_attn_name(layer: int, suffix: str) -> str:
+    """``blocks.<layer>.linear_attn.<suffix>``, a hook of a GDN layer."""
+    return f"blocks.{layer}.linear_attn.{suffix}"
+
+
 def gdn_hook_name(layer: int, short: str) -> str:
     """``blocks.<layer>.linear_attn.hook_<short>`` (``short`` is a key of :data:`GDN_HOOKS`)."""
-    return f"blocks.{layer}.linear_attn.{GDN_HOOKS[short][0]}"
+    return linear_attn_name(layer, GDN_HOOKS[short][0])
 
 
 def attention_hook_name(layer: int, suffix: str) -> str:
@@ -151,6 +156,11 @@ def is_matrix(name: str) -> bool:
     return layer_of(name) is not None and name == matrix_name(layer_of(name))
 
 
+def matrix_layers(names) -> list[int]:
+    """The layers that have an ``attn_matrix`` among array ``names``, sorted."""
+    return sorted(layer_of(name) for name in names if is_matrix(name))
+
+
 def is_residual(name: str) -> bool:
     return layer_of(name) is not None and name == residual_name(layer_of(name))
 
@@ -169,9 +179,8 @@ def stored_layers(names, hook: str) -> dict[int, str]:
         layer = layer_of(name)
         if layer is None:
             continue
-        candidates = [block_hook_name(layer, hook), block_hook_name(layer, f"hook_{short}")]
-        if short in GDN_HOOKS:
-            candidates.insert(0, gdn_hook_name(layer, short))
+        candidates = [linear_attn_name(layer, f"hook_{short}"), block_hook_name(layer, f"hook_{short}"),
+                      block_hook_name(layer, hook)]
         if name in candidates and (layer not in found or
                                    candidates.index(name) < candidates.index(found[layer])):
             found[layer] = name
@@ -274,8 +283,14 @@ class Catalogue:
         self.layer_types = [_layer_kind(t) for t in config.layer_types]
         self.sizes = dimension_sizes(config)
         self.specs: dict[str, HookSpec] = {}
-        dense_mlp = not getattr(config, "num_experts", 0)
+        # Sparse-MoE layers have no dense mlp.hook_pre/hook_post (the bridge's MoE ones are d_model
+        # copies of its input/output); Qwen3-Next keeps a dense MLP on mlp_only_layers and on the
+        # layers decoder_sparse_step skips (transformers' Qwen3NextDecoderLayer rule).
+        experts = getattr(config, "num_experts", 0) or 0
+        mlp_only = set(getattr(config, "mlp_only_layers", None) or ())
+        sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
         for layer, kind in enumerate(self.layer_types):
+            dense_mlp = not experts or layer in mlp_only or (layer + 1) % sparse_step != 0
             if kind == GDN:
                 for short, (_, dims, scalar) in GDN_HOOKS.items():
                     self._add(gdn_hook_name(layer, short), layer, kind, dims,

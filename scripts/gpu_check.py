@@ -178,7 +178,7 @@ def extract_agreement(model, tmp: Path):
     log("vs each prompt alone, worst per layer (growing with depth = rounding amplified): "
         + ", ".join(f"{layer}: {err:.1e}" for layer, err in sorted(per_layer.items())))
     # the statistics were reduced on the device (stats_device): against numpy over the stored rows
-    from gdn_dump.ops.stats import naive
+    from gdn_dump.ops.stats_reference import reference_stats as naive
 
     stats_worst = 0.0
     for name in names:

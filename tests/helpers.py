@@ -5,6 +5,8 @@ No torch at import: the reading tests run where torch is not installed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Very different lengths: 1 token, a few, ~60, ~300; a multi-byte character; a blank line skipped.
 RAGGED_PROMPTS = [
     "hello world",
@@ -25,3 +27,30 @@ def reference_cache(model, text: str):
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(ids, use_cache=False)
     return ids[0], cache
+
+
+def save_tiny_checkpoint(path: str | Path, multimodal: bool = True) -> Path:
+    """Save ``tiny`` as a checkpoint directory, by default in the published multimodal layout.
+
+    The multimodal form (``Qwen3_5ForConditionalGeneration`` with a vision tower of depth 1) is what
+    real Qwen3.5 checkpoints look like, so loading it exercises the text-model extraction path.
+    """
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from gdn_dump.model.tiny import build_tiny_model
+
+    path = Path(path)
+    text_model, tokenizer = build_tiny_model()
+    if multimodal:
+        text_config = text_model.config.to_dict()
+        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                      out_hidden_size=text_model.config.hidden_size)
+        config = Qwen3_5Config(text_config=text_config, vision_config=vision)
+        model = Qwen3_5ForConditionalGeneration(config)
+        model.model.language_model.load_state_dict(text_model.model.state_dict())
+        model.lm_head.load_state_dict(text_model.lm_head.state_dict())
+    else:
+        model = text_model
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

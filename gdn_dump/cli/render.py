@@ -1,22 +1,229 @@
-"""Rich output for the CLI: the progress bar while running and the tables printed after."""
+"""Everything the CLI prints: help, the one-line errors, the progress bar, and the tables.
+
+No torch: the inspect, verify and plot commands run on the base install, so nothing here imports
+``gdn_dump.run.pipeline``; :class:`RichReporter` has the methods of its ``Reporter``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect as _inspect
+import io
+import json
+import os
+import shutil
+import sys
 import time
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group as RichGroup
+from rich.markup import escape
+from rich.padding import Padding
+from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from ..run.pipeline import ExtractResult, Reporter
-from ..store.layout import Plan, format_bytes
+from ..errors import GdnDumpError, Terminated
+from ..run.result import Reporter
+from ..store.layout import format_bytes
+
+HELP_MAX_WIDTH = 100  # help on a wide terminal stays readable
+SPEC_MAX = 28  # widest "--option METAVAR" beside its help; a longer one gets a line of its own
+
+
+def console(stderr: bool = False) -> Console:
+    """A console per call (so COLUMNS is read when the command runs); wide when not a terminal."""
+    out = Console(stderr=stderr)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = 160
+    return out
+
+
+# --- help --------------------------------------------------------------------------------------------
+
+def _paragraphs(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [" ".join(p.split()) for p in _inspect.cleandoc(text).split("\n\n") if p.strip()]
+
+
+def _is_flag(param) -> bool:
+    return bool(getattr(param, "is_flag", False))
+
+
+def _spec(param) -> Text:
+    """``--model, -m MODEL``; ``--stats / --no-stats``; ``STORE`` for an argument."""
+    if getattr(param, "param_type_name", "") == "argument":
+        return Text(param.metavar or param.name.upper(), style="bold yellow")
+    text = Text()
+    names = [*param.opts]
+    if _is_flag(param) and param.secondary_opts and param.default is True:
+        names += param.secondary_opts  # on by default: its --no- form is the one that does something
+    for i, name in enumerate(names):
+        if i:
+            text.append(" / " if name.startswith("--no-") else ", ")
+        text.append(name, style="bold cyan")
+    if not _is_flag(param):
+        text.append(" ")
+        text.append(param.metavar or param.name.upper(), style="yellow")
+    return text
+
+
+def _default(param) -> str | None:
+    show = getattr(param, "show_default", False)
+    if isinstance(show, str):
+        return show
+    value = param.default
+    if not show or param.required or value is None or value is False or value == "" or callable(value):
+        return None
+    if _is_flag(param):
+        return param.opts[0] if value is True else None
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    return str(value)
+
+
+def _param_help(param) -> Text:
+    text = Text(" ".join((param.help or "").split()), overflow="fold")
+    default = _default(param)
+    if default is not None:
+        text.append(f" [default: {default}]", style="dim")
+    if param.required:
+        text.append(" [required]", style="dim red")
+    return text
+
+
+def _rows(items: list[tuple[Text, Text]], width: int) -> RichGroup:
+    """Two columns, the first ``width`` wide; a first cell too wide for it goes on a line of its own."""
+    parts = []
+    for spec, text in items:
+        grid = Table.grid(padding=(0, 2, 0, 0))
+        grid.add_column(width=width, no_wrap=True)
+        grid.add_column(ratio=1)
+        if spec.cell_len > width:
+            parts.append(spec)
+            grid.add_row("", text)
+        else:
+            grid.add_row(spec, text)
+        parts.append(grid)
+    return RichGroup(*parts)
+
+
+def help_text(command, ctx) -> str:
+    """The help of ``command``: usage, description, its options in their panels
+    (``rich_help_panel``), a command list for the group, then the epilog; at most 100 columns."""
+    width = ctx.terminal_width or min(shutil.get_terminal_size().columns, HELP_MAX_WIDTH)
+    out = Console(file=io.StringIO(), width=width, force_terminal=sys.stdout.isatty() or None,
+                  highlight=False, emoji=False, markup=False)
+    out.print(Padding(Text(command.get_usage(ctx)), (1, 1, 0, 1)))
+    for paragraph in _paragraphs(command.help):
+        out.print(Padding(Text(paragraph), (1, 1, 0, 1)))
+    out.print()
+    panels: dict[str, list] = {}
+    last = "Options"  # --help joins the panel of the option before it
+    for param in command.get_params(ctx):
+        if getattr(param, "hidden", False):
+            continue
+        if getattr(param, "param_type_name", "") == "argument":
+            panel = "Arguments"
+        elif param.name == "help":
+            panel = last
+        else:
+            panel = last = getattr(param, "rich_help_panel", None) or "Options"
+        panels.setdefault(panel, []).append(param)
+    specs = {id(p): _spec(p) for params in panels.values() for p in params}
+    commands = []
+    if hasattr(command, "list_commands"):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                commands.append((Text(name, style="bold cyan"), Text((_paragraphs(sub.help) or [""])[0])))
+    fitting = [s.cell_len for s in specs.values() if s.cell_len <= SPEC_MAX] + [c.cell_len for c, _ in commands]
+    column = max(fitting, default=10)
+    for title, params in panels.items():
+        rows = [(specs[id(p)], _param_help(p)) for p in params]
+        out.print(Panel(_rows(rows, column), title=title, title_align="left", border_style="dim"))
+    if commands:
+        out.print(Panel(_rows(commands, column), title="Commands", title_align="left",
+                        border_style="dim"))
+    for paragraph in _paragraphs(command.epilog):
+        out.print(Padding(Text(paragraph), (1, 1, 0, 1)))
+    return "\n".join(line.rstrip() for line in out.file.getvalue().rstrip().splitlines())
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line (without the ``gdn-dump: error:`` prefix) and the exit code of an error."""
+    from .options import click_errors
+
+    if isinstance(exc, click_errors.UsageError):
+        where = f"; see {exc.ctx.command_path} --help" if getattr(exc, "ctx", None) else ""
+        return " ".join(exc.format_message().split()).rstrip(".") + where, 2
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, GdnDumpError):
+        return message, exc.exit_code
+    return f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)", 1
+
+
+def interrupted(code: int, run=None) -> str:
+    """What a Ctrl-C (130) or SIGTERM (143) leaves behind, for the run whose reporter is ``run``
+    (it knows whether the store was opened: the library says so, nothing is checked again)."""
+    what = "terminated" if code == 143 else "interrupted"
+    if run is None:
+        return f"gdn-dump: {what}"
+    if run.store is None:
+        return f"gdn-dump: {what} before the store was created; nothing was written"
+    return (f"gdn-dump: {what}; what was captured is written and {run.store} stays in_progress: "
+            "rerun with --resume to continue")
+
+
+def report_error(exc: BaseException, run=None) -> int:
+    """Print ``exc`` as one line on stderr; return its exit code."""
+    err = console(stderr=True)
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        code = getattr(exc, "exit_code", 130)
+        err.print(interrupted(code, run), highlight=False, soft_wrap=True, markup=False)
+        return code
+    message, code = error_line(exc)
+    err.print(f"[red]gdn-dump: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return code
+
+
+# --- extract and attn-matrix ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool):
+    """``--quiet``: the libraries' own progress bars (transformers' "Loading weights",
+    huggingface_hub's downloads) off too, for the run only; as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_was_on, transformers_was_on = not are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_was_on:
+            enable_progress_bars()
+        if transformers_was_on:
+            hf_logging.enable_progress_bar()
 
 
 class RichReporter(Reporter):
-    """Prompts, tokens, tokens/s and MB/s written, on stderr so stdout stays clean for pipes."""
+    """The ``Reporter`` of :func:`gdn_dump.run.pipeline.extract`: prompts, tokens, tokens/s and MB/s
+    written, on stderr so stdout stays clean for pipes (nothing with ``show=False``: ``--quiet``).
+    It also remembers whether the store was opened, for the message of an interruption."""
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, console: Console, show: bool = True):
+        self.console, self.show = console, show
+        self.store: str | None = None
         self.progress = Progress(
             TextColumn("[bold]extract"),
             BarColumn(),
@@ -33,12 +240,19 @@ class RichReporter(Reporter):
         self.tokens = 0
         self.started = 0.0
 
+    def opened(self, out: str) -> None:
+        self.store = out
+
     def start(self, n_prompts: int, n_tokens: int) -> None:
         self.started = time.perf_counter()
+        if not self.show:
+            return
         self.progress.start()
         self.task = self.progress.add_task("extract", total=n_prompts, tokens=0, rate="-", mbps="-")
 
     def advance(self, prompts: int, tokens: int, bytes_written: int) -> None:
+        if not self.show:
+            return
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.progress.update(self.task, advance=prompts, tokens=self.tokens,
@@ -46,13 +260,15 @@ class RichReporter(Reporter):
                              mbps=f"{bytes_written / elapsed / 1e6:,.1f}")
 
     def note(self, message: str) -> None:
-        self.console.print(message)
+        if self.show:
+            self.console.print(message)
 
     def finish(self) -> None:
-        self.progress.stop()
+        if self.show:
+            self.progress.stop()
 
 
-def plan_table(plan: Plan, title: str = "plan") -> Table:
+def plan_table(plan, title: str = "plan") -> Table:
     table = Table(title=title)
     for column in ("array", "shape", "dtype", "chunks", "dims", "bytes"):
         table.add_column(column, justify="right" if column == "bytes" else "left",
@@ -72,7 +288,7 @@ def plan_table(plan: Plan, title: str = "plan") -> Table:
     return table
 
 
-def summary_table(result: ExtractResult) -> Table:
+def summary_table(result) -> Table:
     table = Table(title=f"wrote {result.out}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -102,3 +318,98 @@ def summary_table(result: ExtractResult) -> Table:
     for name, (worst, total, n) in sorted(result.residuals.items()):
         table.add_row(f"{name} ||MV-o||/||o||", f"max {worst:.1e}, mean {total / max(n, 1):.1e}")
     return table
+
+
+def report_run(opts, result, *, quiet: bool, heatmaps: list | None = None, png=None) -> None:
+    """After a run: the plan (dry run), the warnings, the other regions still running, the summary."""
+    if opts.dry_run:
+        console().print(plan_table(result.plan, title=f"plan for {opts.out} (dry run: nothing written)"))
+        return
+    err = console(stderr=True)
+    for name, count in result.nonfinite.items():
+        err.print(f"[yellow]warning:[/] {count:,} NaN/inf values in {name} (from the model, stored "
+                  "as they are); --fail-on-nonfinite stops at the first")
+    for name, count in result.overflow.items():
+        err.print(f"[yellow]warning:[/] {count:,} values of {name} overflowed to inf when cast to "
+                  f"{result.plan.storage_dtype}; use --dtype float32")
+    if result.pending_regions:
+        err.print(f"region {result.split.index} of {result.split.count} is done; "
+                  f"{len(result.pending_regions)} region(s) still running: the last process to "
+                  "finish marks the store complete (or run gdn-dump finalize)")
+    if not quiet:
+        err.print(summary_table(result))
+        if heatmaps:
+            err.print(f"{len(heatmaps)} heatmaps in {png}")
+
+
+# --- hooks, inspect, verify, plot, finalize -----------------------------------------------------
+
+def hooks_table(model: str, catalogue, short_names) -> Table:
+    table = Table(title=f"hooks of {model} (short GDN names: {', '.join(short_names)})")
+    for column in ("hook", "short", "layer", "layer type", "per-token shape", "dims", "kind"):
+        table.add_column(column, overflow="fold")
+    for spec in catalogue:
+        table.add_row(spec.name, spec.short or "", "" if spec.layer is None else str(spec.layer),
+                      spec.layer_type, str(list(spec.shape)), ",".join(spec.dims), spec.kind)
+    return table
+
+
+def _number(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def print_inspect(name: str, meta: dict[str, Any], rows: list[dict], stats_rows: list[dict]) -> None:
+    """``gdn-dump inspect``: the arrays, the provenance, the per-head statistics."""
+    out = console()
+    table = Table(title=f"{name}  [status: {meta.get('status')}]")
+    for column in ("array", "shape", "dtype", "chunks", "dims", "on disk"):
+        table.add_column(column, justify="right" if column == "on disk" else "left",
+                         overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], str(row["shape"]), row["dtype"], str(row["chunks"]),
+                      ",".join(row["dims"]), format_bytes(row["stored_bytes"]))
+    table.caption = f"{sum(r['stored_bytes'] for r in rows):,} bytes on disk"
+    out.print(table)
+    model = meta.get("model", {})
+    out.print(f"status: {meta.get('status')}")
+    out.print(f"model: {model.get('name')} ({model.get('dtype')}, {model.get('device')}, "
+              f"kernels: {model.get('kernel_backend')})")
+    out.print(f"prompts: {json.dumps(meta.get('prompts'))}")
+    out.print(f"storage dtype: {meta.get('storage_dtype')}, max length: {meta.get('max_length')}, "
+              f"truncated: {meta.get('truncated')}, skipped: {meta.get('skipped_long', 0)}")
+    for key, what in (("nonfinite", "NaN/inf values"), ("overflow", "float16 overflow")):
+        for array, count in (meta.get(key) or {}).items():
+            out.print(f"[red]{what} in {array}: {count:,}[/]")
+    out.print(f"created: {meta.get('created')}, command: {' '.join(meta.get('command_line', []))}")
+    if not stats_rows:
+        return
+    stats = Table(title="statistics (over heads: mean of the per-head means, stds, L2 norms)")
+    for column in ("array", "heads", "count", "mean", "std", "mean L2", "min", "max"):
+        stats.add_column(column, justify="left" if column == "array" else "right", overflow="fold")
+    for r in stats_rows:
+        stats.add_row(r["name"], f"{r['heads']} {r['heads_dim'] or ''}".strip(),
+                      f"{r['count']:,}" + (f" (+{r['nonfinite']:,} NaN/inf)" if r["nonfinite"] else ""),
+                      _number(r["mean"]), _number(r["std"]), _number(r["mean_l2"]),
+                      _number(r["min"]), _number(r["max"]))
+    out.print(stats)
+    for r in stats_rows:
+        if "median_half_life" in r:
+            out.print(f"median half-life (tokens) per head, {r['name']}: "
+                      + " ".join(_number(x) for x in r["median_half_life"]))
+
+
+def verify_table(checks) -> Table:
+    """``gdn-dump verify``: a row per check of :func:`gdn_dump.store.verify.verify_store`."""
+    table = Table("check", "ok", "detail")
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    return table
+
+
+def print_plot(name: str, opened, path) -> None:
+    """``gdn-dump plot``: what was written, and a warning if the store is not complete."""
+    err = console(stderr=True)
+    if opened.status != "complete":
+        err.print(f"[yellow]warning:[/] {name} is {opened.status}: only its {len(opened.visible)} "
+                  f"finished prompts (of {opened.n_prompts}) are shown", highlight=False)
+    err.print(f"wrote {path}", highlight=False)

@@ -5,7 +5,7 @@ one CPU core, about 0.6 GB/s: on a GPU node, where extraction moves several GB/s
 limit. Here each hook's rows ``[n, ...]`` of a batch are reduced on the device, in float64, to a
 small ``[H, 8 + bins]`` block of per-head moments (count, mean, centred sum of squares, min, max,
 NaN/inf count, L2-norm count and sum, histogram), copied to the host with the rows and merged there
-with :meth:`ArrayStats.merge_packed`. Same definitions as the host path and :func:`stats.naive`
+with :meth:`ArrayStats.merge_packed`. Same definitions as the host path and :func:`gdn_dump.ops.stats_reference.reference_stats`
 (masked NaN/inf, half-open histogram bins with the last one closed); tests hold them together.
 """
 

@@ -1,20 +1,25 @@
 """The data behind ``gdn-dump plot``: functions of a store that return numpy arrays and dicts
-(testable without drawing); :mod:`gdn_dump.plots` draws them, one figure per command.
+(testable without drawing); :mod:`gdn_dump.read.plots` draws them, one figure per command.
 
-Every reader goes through ``prompt_start`` / ``prompt_length`` (gap rows between regions are never
-read as data) and reads a bounded block of rows at a time: the norm profile keeps only per-position
-sums, the decay / beta statistics keep at most ``max_rows`` rows per layer (an evenly strided
-sample of the owned rows when a store has more; the figure says so).
+``store`` is a :class:`~gdn_dump.read.reader.Store`, a path or URL, or an open zarr group (opened
+as a ``Store``). Everything is read through the ``Store``: only the rows of finished prompts
+(all of them on a complete store; on one still ``in_progress``, those its progress ledger
+records as written), through ``prompt_start`` / ``prompt_length`` (gap rows between regions are
+never read as data); asking for another prompt is an error. Rows are read a bounded block at a
+time: the norm profile keeps only per-position sums, the decay / beta statistics keep at most
+``max_rows`` rows per layer (an evenly strided sample of the owned rows when a store has more;
+the figure says so).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
+from ..catalogue import matrix_layers, matrix_name, stored_layers
 from ..errors import GdnDumpError
+from .reader import Store
 
 KINDS = ("decay", "beta", "attn", "norms")
 LN_HALF = math.log(0.5)
@@ -27,24 +32,36 @@ BLOCK_BYTES = 32 << 20  # bytes of one read
 # reading
 
 
-def _index(group) -> tuple[np.ndarray, np.ndarray]:
-    return group["prompt_start"][:].astype(np.int64), group["prompt_length"][:].astype(np.int64)
+def as_store(store) -> Store:
+    """``store`` as a :class:`Store` (itself if it is one)."""
+    return store if isinstance(store, Store) else Store(store)
 
 
-def _check_prompt(group, prompt: int | None) -> None:
-    n = group["prompt_length"].shape[0]
-    if prompt is not None and not 0 <= prompt < n:
+def _check_prompt(store: Store, prompt: int | None) -> None:
+    n = store.n_prompts
+    if prompt is None:
+        return
+    if not 0 <= prompt < n:
         raise GdnDumpError(f"--prompt {prompt} is out of range: the store has {n} prompts (0-{n - 1})")
+    if not store.is_visible(prompt):
+        raise GdnDumpError(f"--prompt {prompt} is not finished: {store.path} is {store.status} and "
+                           f"{len(store.visible)} of its {n} prompts are written (finish the run "
+                           "with --resume)")
 
 
-def owned_blocks(group, name: str, prompt: int | None = None, block_bytes: int = BLOCK_BYTES):
-    """Yield ``(values, prompt_index, position)`` for the owned rows of array ``name``, a block at
-    a time (blocks aligned to the array's chunks / shards), in row order; only ``prompt`` if given."""
-    from .reader import RowOwners
+def _lengths(store: Store, prompt: int | None) -> np.ndarray:
+    """Stored tokens of each finished prompt (or of ``prompt`` alone)."""
+    return store.prompt_length[store.visible if prompt is None else [prompt]]
 
-    arr = group[name]
-    starts, lengths = _index(group)
-    owners = RowOwners(starts, lengths, np.arange(len(starts)) if prompt is None else np.array([prompt]))
+
+def owned_blocks(store, name: str, prompt: int | None = None, block_bytes: int = BLOCK_BYTES):
+    """Yield ``(values, prompt_index, position)`` for the rows of array ``name`` that finished
+    prompts own, a block at a time (blocks aligned to the array's chunks / shards), in row order;
+    only ``prompt`` if given."""
+    store = as_store(store)
+    _check_prompt(store, prompt)
+    arr = store[name]
+    owners = store.owners(prompt)
     if not len(owners.prompts):
         return
     unit = int(arr.chunks[0])  # inner chunks: a sharded array is read part of a shard at a time
@@ -61,26 +78,14 @@ def owned_blocks(group, name: str, prompt: int | None = None, block_bytes: int =
             a = b
 
 
-def hook_arrays(group, hook: str) -> dict[int, str]:
+def hook_arrays(store, hook: str) -> dict[int, str]:
     """``{layer: array name}`` of a hook given by short name (``recurrence_out``, ``hook_beta``)
     or a layer-relative name (``hook_resid_post``, ``attn.hook_z``); a full name gives one layer."""
-    names = [name for name, _ in group.arrays()]
-    if hook.startswith("blocks."):
-        m = re.match(r"blocks\.(\d+)\.", hook)
-        return {int(m.group(1)): hook} if m and hook in names else {}
-    short = hook.removeprefix("hook_")
-    wanted = (rf"linear_attn\.hook_{re.escape(short)}", rf"hook_{re.escape(short)}", re.escape(hook))
-    found: dict[int, str] = {}
-    for tail in wanted:
-        for name in names:
-            m = re.fullmatch(rf"blocks\.(\d+)\.{tail}", name)
-            if m:
-                found.setdefault(int(m.group(1)), name)
-    return dict(sorted(found.items()))
+    return stored_layers(as_store(store), hook)
 
 
-def _layers_with(group, hook: str, layer: int | None, option: str = "--layer") -> dict[int, str]:
-    found = hook_arrays(group, hook)
+def _layers_with(store: Store, hook: str, layer: int | None, option: str = "--layer") -> dict[int, str]:
+    found = hook_arrays(store, hook)
     if not found:
         raise GdnDumpError(f"the store has no {hook} array (store more hooks with extract --hooks)")
     if layer is not None:
@@ -115,33 +120,34 @@ def _hook_of(kind: str) -> str:
     return "log_decay" if kind == "decay" else "beta"
 
 
-def layer_sample(group, kind: str, layer: int, prompt: int | None = None,
+def layer_sample(store, kind: str, layer: int, prompt: int | None = None,
                  max_rows: int = MAX_SAMPLE_ROWS) -> tuple[np.ndarray, int]:
     """The owned rows of one layer's half-life (``decay``) or beta, [rows, heads] float64: every
     row, or every k-th owned row (k = ceil(rows / max_rows)) when there are more. Also the
     number of owned rows."""
-    name = _layers_with(group, _hook_of(kind), layer)[layer]
-    _check_prompt(group, prompt)
-    starts, lengths = _index(group)
-    total = int(lengths.sum() if prompt is None else lengths[prompt])
+    store = as_store(store)
+    name = _layers_with(store, _hook_of(kind), layer)[layer]
+    _check_prompt(store, prompt)
+    total = int(_lengths(store, prompt).sum())
     stride = max(1, math.ceil(total / max(1, max_rows)))
     parts, seen = [], 0
-    for block, _, _ in owned_blocks(group, name, prompt):
+    for block, _, _ in owned_blocks(store, name, prompt):
         first = (-seen) % stride
         parts.append(_values(kind, block[first::stride]))
         seen += len(block)
-    heads = group[name].shape[1]
+    heads = store[name].shape[1]
     return (np.concatenate(parts) if parts else np.empty((0, heads))), total
 
 
-def quantile_grid(group, kind: str, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+def quantile_grid(store, kind: str, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
     """Per (head, GDN layer): median, 25th and 75th percentiles of the half-life in tokens
     (``kind="decay"``) or of beta (``"beta"``): ``{"layers", "median", "q25", "q75"}`` with the
     arrays [heads, layers]; plus ``rows`` (owned rows) and ``sampled`` (rows used per layer)."""
-    layers = list(_layers_with(group, _hook_of(kind), None))
+    store = as_store(store)
+    layers = list(_layers_with(store, _hook_of(kind), None))
     stats, sampled, total = [], 0, 0
     for layer in layers:
-        values, total = layer_sample(group, kind, layer, prompt, max_rows)
+        values, total = layer_sample(store, kind, layer, prompt, max_rows)
         sampled = len(values)
         stats.append(np.quantile(values, [0.5, 0.25, 0.75], axis=0) if len(values)
                      else np.full((3, values.shape[1]), np.nan))
@@ -150,53 +156,55 @@ def quantile_grid(group, kind: str, prompt: int | None = None, max_rows: int = M
             "rows": total, "sampled": sampled}
 
 
-def half_life_grid(group, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+def half_life_grid(store, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
     """:func:`quantile_grid` of the half-life ln(0.5)/g in tokens."""
-    return quantile_grid(group, "decay", prompt, max_rows)
+    return quantile_grid(store, "decay", prompt, max_rows)
 
 
-def beta_grid(group, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
+def beta_grid(store, prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
     """:func:`quantile_grid` of beta (write strength, 0-1)."""
-    return quantile_grid(group, "beta", prompt, max_rows)
+    return quantile_grid(store, "beta", prompt, max_rows)
 
 
-def distributions(group, kind: str, layer: int | None = None, head: int | None = None,
+def distributions(store, kind: str, layer: int | None = None, head: int | None = None,
                   prompt: int | None = None, max_rows: int = MAX_SAMPLE_ROWS) -> dict:
     """Per-head distributions of one layer (``layer``; only ``head`` if given), or one head's
     distribution in every GDN layer (``head`` alone). Values are log10 half-life in tokens for
     ``decay``, beta for ``beta``: ``{"axis": "head"|"layer", "labels", "values": [1-D arrays]}``."""
+    store = as_store(store)
     hook = _hook_of(kind)
-    layers = list(_layers_with(group, hook, layer))
-    n_heads = group[hook_arrays(group, hook)[layers[0]]].shape[1]
+    layers = list(_layers_with(store, hook, layer))
+    n_heads = store[hook_arrays(store, hook)[layers[0]]].shape[1]
     _check_head(head, n_heads, f"{hook} of layer {layers[0]}")
     transform = np.log10 if kind == "decay" else (lambda x: x)
     if layer is not None:
-        values, total = layer_sample(group, kind, layer, prompt, max_rows)
+        values, total = layer_sample(store, kind, layer, prompt, max_rows)
         heads = list(range(n_heads)) if head is None else [head]
         return {"kind": kind, "axis": "head", "layer": layer, "head": head, "labels": heads,
                 "values": [transform(values[:, h]) for h in heads], "rows": total, "sampled": len(values)}
     columns = []
     for each in layers:
-        values, total = layer_sample(group, kind, each, prompt, max_rows)
+        values, total = layer_sample(store, kind, each, prompt, max_rows)
         columns.append(transform(values[:, head]))
     return {"kind": kind, "axis": "layer", "layer": None, "head": head, "labels": layers,
             "values": columns, "rows": total, "sampled": len(columns[0]) if columns else 0}
 
 
-def norm_profile(group, hook: str = "recurrence_out", layer: int | None = None,
+def norm_profile(store, hook: str = "recurrence_out", layer: int | None = None,
                  head: int | None = None, prompt: int | None = None) -> dict:
     """Mean over prompts of ||x[t]|| (L2 over all trailing dims) at each position t: one line per
     layer that has ``hook``, or with ``layer`` one line per head (per-head norms, when the hook has
     a head axis); ``head`` keeps that head's norm only (per layer without ``layer``). Prompts
-    shorter than t+1 do not count at t.
+    shorter than t+1 do not count at t; only finished prompts count.
     Returns ``{"labels", "mean": [lines, L_max], "count": [L_max], "names"}``."""
-    _check_prompt(group, prompt)
-    arrays = _layers_with(group, hook, layer)
-    starts, lengths = _index(group)
-    n_pos = int(lengths.max() if prompt is None else lengths[prompt]) if len(lengths) else 0
+    store = as_store(store)
+    _check_prompt(store, prompt)
+    arrays = _layers_with(store, hook, layer)
+    lengths = _lengths(store, prompt)
+    n_pos = int(lengths.max()) if len(lengths) else 0
     labels, means, count = [], [], np.zeros(n_pos)
     for each, name in arrays.items():
-        arr = group[name]
+        arr = store[name]
         dims = tuple(arr.metadata.dimension_names or ())
         has_heads = arr.ndim >= 2 and len(dims) >= 2 and dims[1].endswith("head")
         if head is not None and not has_heads:
@@ -206,7 +214,7 @@ def norm_profile(group, hook: str = "recurrence_out", layer: int | None = None,
             _check_head(head, arr.shape[1], name)
         heads = ([head] if head is not None else list(range(arr.shape[1]))) if per_head else [None]
         sums, count = np.zeros((len(heads), n_pos)), np.zeros(n_pos)
-        for block, _, pos in owned_blocks(group, name, prompt):
+        for block, _, pos in owned_blocks(store, name, prompt):
             x = block.astype(np.float32)
             sq = (x * x).reshape(len(x), arr.shape[1], -1).sum(-1) if per_head else \
                 (x * x).reshape(len(x), -1).sum(-1)[:, None]
@@ -222,10 +230,11 @@ def norm_profile(group, hook: str = "recurrence_out", layer: int | None = None,
             "mean": np.array(means).reshape(len(labels), n_pos), "count": count}
 
 
-def attention_data(group, layer: int | None = None, head: int = 0, prompt: int = 0) -> dict:
-    """One prompt's attention matrix of one head, [n, n] (n = the prompt's length), its tokens."""
-    layers = sorted(int(m.group(1)) for name, _ in group.arrays()
-                    if (m := re.fullmatch(r"blocks\.(\d+)\.attn_matrix", name)))
+def attention_data(store, layer: int | None = None, head: int = 0, prompt: int = 0) -> dict:
+    """One (finished) prompt's attention matrix of one head, [n, n] (n = the prompt's length),
+    its tokens."""
+    store = as_store(store)
+    layers = matrix_layers(store)
     if not layers:
         raise GdnDumpError("the store has no attention matrices (blocks.<i>.attn_matrix); make them "
                            "with attn-matrix or extract --attn-layers")
@@ -233,20 +242,20 @@ def attention_data(group, layer: int | None = None, head: int = 0, prompt: int =
     if layer not in layers:
         raise GdnDumpError(f"--layer {layer} has no attn_matrix in this store; layers with one: "
                            f"{', '.join(map(str, layers))}")
-    arr = group[f"blocks.{layer}.attn_matrix"]
+    arr = store[matrix_name(layer)]
     heads = [int(h) for h in arr.attrs.get("heads", range(arr.shape[1]))]
     if head not in heads:
-        raise GdnDumpError(f"--head {head} is out of range: blocks.{layer}.attn_matrix has heads "
+        raise GdnDumpError(f"--head {head} is out of range: {matrix_name(layer)} has heads "
                            f"{_ranges(heads)}")
-    _check_prompt(group, prompt)
-    starts, lengths = _index(group)
-    n = int(lengths[prompt])
+    _check_prompt(store, prompt)
+    rows = store.rows(prompt)
+    n = rows.stop - rows.start
     if n == 0:
         raise GdnDumpError(f"--prompt {prompt} has no stored tokens (skipped as too long)")
     return {"layer": layer, "head": head, "prompt": prompt, "kind": arr.attrs.get("kind"),
-            "prompt_id": str(group["prompt_id"][prompt]),
+            "prompt_id": str(store["prompt_id"][prompt]),
             "matrix": arr[prompt, heads.index(head), :n, :n],
-            "tokens": group["tokens"][int(starts[prompt]):int(starts[prompt]) + n]}
+            "tokens": np.asarray(store["tokens"][rows])}
 
 
 def _ranges(values: list[int]) -> str:
@@ -254,10 +263,7 @@ def _ranges(values: list[int]) -> str:
         else ", ".join(map(str, values))
 
 
-def store_tokenizer(group):
+def store_tokenizer(store):
     """The tokenizer recorded in the store's provenance, loaded offline; None if it cannot be
     (then labels are token ids)."""
-    from ..tokenizer import load_tokenizer_offline
-
-    model = (group.attrs.get("gdn_dump") or {}).get("model") or {}
-    return load_tokenizer_offline(model.get("name"), model.get("revision"))
+    return as_store(store).tokenizer

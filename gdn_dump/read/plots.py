@@ -1,5 +1,10 @@
 """Figures of a store (matplotlib, headless): attention heatmaps (``attn-matrix --png``) and the
-figures of ``gdn-dump plot`` (decay, beta, attn, norms; their data is in :mod:`gdn_dump.figures`)."""
+figures of ``gdn-dump plot`` (decay, beta, attn, norms; their data is in :mod:`gdn_dump.read.figures`).
+
+Drawn with matplotlib's object API (a ``Figure`` on its own Agg canvas), never through pyplot:
+plotting from a notebook leaves its backend, its open figures and pyplot's state as they were.
+Like the data, the figures show only finished prompts (see :mod:`gdn_dump.read.figures`).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ..catalogue import is_matrix, matrix_name
 from ..errors import GdnDumpError
 
 ANNOTATE_MAX_CELLS = 200  # values written into heatmap cells up to this many cells
 LABEL_MAX_TOKENS = 48  # token strings on the axes only where they stay readable
 
 
-def _pyplot():
+def _canvas():
+    """matplotlib's Agg canvas class (an ImportError as the one-line hint to install it)."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
-        raise GdnDumpError("--png needs matplotlib: pip install 'gdn-dump[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        raise GdnDumpError("figures need matplotlib: pip install 'gdn-dump[plot]'") from None
+    return FigureCanvasAgg
 
-    return plt
+
+def _figure(size, dpi):
+    """A new figure of ``size`` inches (a side, or a (width, height) pair) on its own Agg canvas:
+    not one of pyplot's figures, so nothing to close and no backend chosen."""
+    from matplotlib.figure import Figure
+
+    figsize = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    _canvas()(fig)
+    return fig
 
 
 def token_labels(tokenizer, token_ids) -> list[str]:
@@ -34,42 +49,44 @@ def token_labels(tokenizer, token_ids) -> list[str]:
     return labels
 
 
-def attention_heatmaps(group, out_dir: str | Path, tokenizer=None, *, max_prompts: int = 4,
+def attention_heatmaps(store, out_dir: str | Path, tokenizer=None, *, max_prompts: int = 4,
                        log_scale: bool = False, size_inches: float = 6.0, dpi: int = 100) -> list[Path]:
-    """One PNG per (prompt, layer, head) for the first ``max_prompts`` prompts of a store."""
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm, Normalize
+    """One PNG per (prompt, layer, head) for the first ``max_prompts`` finished prompts of a store
+    (a :class:`~gdn_dump.read.reader.Store`, a path or an open group)."""
+    from .figures import as_store
 
+    _canvas()
+    store = as_store(store)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(name for name, _ in group.arrays() if name.endswith("attn_matrix"))
-    starts, lengths = group["prompt_start"][:], group["prompt_length"][:]
-    ids = group["prompt_id"][:]
+    names = [name for name in store.matrices if is_matrix(name)]
     written = []
-    for p in range(min(max_prompts, len(lengths))):
-        n = int(lengths[p])
+    for p in store.visible[:max_prompts]:
+        p = int(p)
+        rows = store.rows(p)
+        n = rows.stop - rows.start
         if n == 0:
             continue
-        tokens = group["tokens"][int(starts[p]):int(starts[p]) + n]
+        tokens = store["tokens"][rows]
         labels = token_labels(tokenizer, tokens) if tokenizer is not None and n <= LABEL_MAX_TOKENS else None
         for name in names:
-            arr = group[name]
+            arr = store[name]
             heads = arr.attrs.get("heads", list(range(arr.shape[1])))
             block = arr[p, :, :n, :n]
             for i, head in enumerate(heads):
                 path = out / f"prompt{p}_{name.replace('.', '_')}_head{head}.png"
-                _heatmap(plt, block[i], labels, path, log_scale, size_inches, dpi,
-                         f"{name} head {head} ({arr.attrs.get('kind')}), prompt {ids[p]}",
-                         LogNorm, Normalize)
+                _heatmap(block[i], labels, path, log_scale, size_inches, dpi,
+                         f"{name} head {head} ({arr.attrs.get('kind')}), prompt {store.prompt_ids[p]}")
                 written.append(path)
     return written
 
 
-def _heatmap(plt, matrix, labels, path, log_scale, size_inches, dpi, title, LogNorm, Normalize,
-             fmt=None):
+def _heatmap(matrix, labels, path, log_scale, size_inches, dpi, title, fmt=None):
     """One lower-triangular heatmap; ``size_inches`` is a side (square) or a (width, height) pair."""
-    figsize = tuple(size_inches) if isinstance(size_inches, (tuple, list)) else (size_inches, size_inches)
-    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
+    from matplotlib.colors import LogNorm, Normalize
+
+    fig = _figure(size_inches, dpi)
+    ax = fig.subplots()
     lower = np.tril(np.ones_like(matrix, dtype=bool))
     if log_scale:
         magnitude = np.where(lower, np.abs(matrix), np.nan)
@@ -92,21 +109,19 @@ def _heatmap(plt, matrix, labels, path, log_scale, size_inches, dpi, title, LogN
     if labels is not None:
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(labels)), labels, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, format=fmt)
-    plt.close(fig)
+    _save(fig, path, fmt)
 
 
 # ---------------------------------------------------------------------------------------------
-# gdn-dump plot: one figure per command (the data comes from gdn_dump.figures)
+# gdn-dump plot: one figure per command (the data comes from gdn_dump.read.figures)
 
 def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, head: int | None = None,
                prompt: int | None = None, hook: str = "recurrence_out", width: float = 10.0,
                height: float = 6.0, dpi: int = 100, name: str | None = None) -> Path:
-    """Draw one figure of a store (a path or an open group) into ``out``; returns the path.
-    ``name`` is the store as the titles call it (default: the path)."""
+    """Draw one figure of a store (a :class:`~gdn_dump.read.reader.Store`, a path or URL, or an
+    open group) into ``out``; returns the path. Only finished prompts are shown. ``name`` is the
+    store as the titles call it (default: its path)."""
     from . import figures
-    from ..store.create import open_group
 
     if kind not in figures.KINDS:
         raise GdnDumpError(f"--kind {kind!r} is unknown: one of {', '.join(figures.KINDS)}")
@@ -117,29 +132,28 @@ def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, h
         raise GdnDumpError(f"--out {out}: the directory {out.parent} does not exist")
     if out.is_dir():
         raise GdnDumpError(f"--out {out} is a directory; give a file name such as {out / (kind + '.png')}")
-    plt = _pyplot()
     fmt = out.suffix.lstrip(".").lower() or "png"
-    supported = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
+    supported = _canvas().get_supported_filetypes()
     if fmt not in supported:
         raise GdnDumpError(f"--out {out}: unknown image format {fmt!r}; use .png (or {', '.join(sorted(supported))})")
-    group = open_group(store) if isinstance(store, (str, Path)) else store
-    name = name or (str(store) if isinstance(store, (str, Path)) else "store")
+    store = figures.as_store(store)
+    name = name or store.path
     size = (width, height)
     if kind == "attn":
-        data = figures.attention_data(group, layer, 0 if head is None else head, 0 if prompt is None else prompt)
-        draw_attention(plt, data, figures.store_tokenizer(group), out, size, dpi, fmt)
+        data = figures.attention_data(store, layer, 0 if head is None else head, 0 if prompt is None else prompt)
+        draw_attention(data, store.tokenizer, out, size, dpi, fmt)
     elif kind == "norms":
-        data = figures.norm_profile(group, hook, layer, head, prompt)
-        draw_norms(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
+        data = figures.norm_profile(store, hook, layer, head, prompt)
+        _need_rows({"rows": int(data["count"].sum())}, prompt)
+        draw_norms(data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
     elif layer is None and head is None:
-        data = figures.quantile_grid(group, kind, prompt)
+        data = figures.quantile_grid(store, kind, prompt)
         _need_rows(data, prompt)
-        draw_grid(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, None)}")
+        draw_grid(data, out, size, dpi, fmt, f"{name}: {_scope(prompt, None)}")
     else:
-        data = figures.distributions(group, kind, layer, head, prompt)
+        data = figures.distributions(store, kind, layer, head, prompt)
         _need_rows(data, prompt)
-        draw_distributions(plt, data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
+        draw_distributions(data, out, size, dpi, fmt, f"{name}: {_scope(prompt, layer)}")
     return out
 
 
@@ -159,10 +173,9 @@ def _rows_note(data) -> str:
                    if data["sampled"] < data["rows"] else "")
 
 
-def _save(plt, fig, path, fmt) -> None:
+def _save(fig, path, fmt) -> None:
     fig.tight_layout()
     fig.savefig(path, format=fmt)
-    plt.close(fig)
 
 
 def _heads_ticks(ax, n: int, axis: str) -> None:
@@ -178,7 +191,7 @@ GRID_TEXT = {
 }
 
 
-def draw_grid(plt, data, path, size, dpi, fmt, title) -> None:
+def draw_grid(data, path, size, dpi, fmt, title) -> None:
     """Two heatmaps, heads x GDN layers: the median (annotated when small) and the IQR."""
     from matplotlib.colors import LogNorm, Normalize
 
@@ -193,7 +206,8 @@ def draw_grid(plt, data, path, size, dpi, fmt, title) -> None:
     else:
         norm = Normalize(vmin=0.0, vmax=1.0)
         spread = data["q75"] - data["q25"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=size, dpi=dpi)
+    fig = _figure(size, dpi)
+    left, right = fig.subplots(1, 2)
     for ax, values, label, kw in ((left, median, median_label, {"norm": norm, "cmap": "viridis"}),
                                   (right, spread, spread_label, {"cmap": "magma"})):
         image = ax.imshow(values, aspect="auto", interpolation="nearest", **kw)
@@ -209,7 +223,7 @@ def draw_grid(plt, data, path, size, dpi, fmt, title) -> None:
     left.set_title("median")
     right.set_title("spread")
     fig.suptitle(f"{what}\n{title} ({_rows_note(data)})", fontsize=9)
-    _save(plt, fig, path, fmt)
+    _save(fig, path, fmt)
 
 
 def _outline():
@@ -218,9 +232,10 @@ def _outline():
     return [patheffects.withStroke(linewidth=1.5, foreground="black")]
 
 
-def draw_distributions(plt, data, path, size, dpi, fmt, title) -> None:
+def draw_distributions(data, path, size, dpi, fmt, title) -> None:
     """Box plots (5-95 % whiskers, median line, mean marker) per head of a layer or per layer."""
-    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    fig = _figure(size, dpi)
+    ax = fig.subplots()
     ax.boxplot(data["values"], tick_labels=[str(x) for x in data["labels"]], whis=(5, 95),
                showfliers=False, showmeans=True)
     if data["axis"] == "head":
@@ -234,12 +249,13 @@ def draw_distributions(plt, data, path, size, dpi, fmt, title) -> None:
     ax.set_title(f"{what} {subject} (box: quartiles, whiskers: 5-95 %)\n{title} ({_rows_note(data)})",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    _save(plt, fig, path, fmt)
+    _save(fig, path, fmt)
 
 
-def draw_norms(plt, data, path, size, dpi, fmt, title) -> None:
+def draw_norms(data, path, size, dpi, fmt, title) -> None:
     """One line per layer (or head) of the mean norm at each position; grey: prompts counted."""
-    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    fig = _figure(size, dpi)
+    ax = fig.subplots()
     positions = np.arange(data["mean"].shape[1])
     marker = "o" if len(positions) < 2 else None
     for label, line in zip(data["labels"], data["mean"]):
@@ -255,19 +271,16 @@ def draw_norms(plt, data, path, size, dpi, fmt, title) -> None:
     ax.set_zorder(count.get_zorder() + 1)  # the lines above the count
     ax.patch.set_visible(False)
     ax.legend(fontsize=7, ncol=max(1, len(data["labels"]) // 12), loc="upper right")
-    _save(plt, fig, path, fmt)
+    _save(fig, path, fmt)
 
 
-def draw_attention(plt, data, tokenizer, path, size, dpi, fmt) -> None:
+def draw_attention(data, tokenizer, path, size, dpi, fmt) -> None:
     """The heatmap of one head's attention matrix, axes labelled with the prompt's tokens."""
-    from matplotlib.colors import LogNorm, Normalize
-
     tokens = data["tokens"]
     labels = None
     if len(tokens) <= LABEL_MAX_TOKENS:
         labels = token_labels(tokenizer, tokens) if tokenizer is not None else [str(int(t)) for t in tokens]
-    title = (f"blocks.{data['layer']}.attn_matrix head {data['head']} ({data['kind']}), "
+    title = (f"{matrix_name(data['layer'])} head {data['head']} ({data['kind']}), "
              f"prompt {data['prompt']} (id {data['prompt_id']}, {len(tokens)} tokens)"
              + ("" if tokenizer is not None else "; labels are token ids"))
-    _heatmap(plt, data["matrix"], labels, path, False, size, dpi, title, LogNorm, Normalize,
-             fmt=fmt)
+    _heatmap(data["matrix"], labels, path, False, size, dpi, title, fmt=fmt)

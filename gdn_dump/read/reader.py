@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import zarr
 
 from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
@@ -38,7 +39,8 @@ __all__ = ["open_store", "Store", "PromptRecord", "StoreError"]
 
 
 def open_store(path_or_url: str | Path) -> Store:
-    """Open a gdn-dump store read-only: a local directory or a URL such as ``s3://bucket/prefix``."""
+    """Open a gdn-dump store read-only: a local directory or a URL such as ``s3://bucket/prefix``
+    (or a zarr group already open)."""
     return Store(path_or_url)
 
 
@@ -48,12 +50,16 @@ class Store:
     A mapping of array names to lazy zarr arrays (``store["tokens"]``, ``len(store)``,
     ``name in store``), plus per-prompt access (:meth:`prompt`), an xarray view
     (:meth:`to_xarray`) and training batches (:meth:`iter_batches`, :meth:`torch_dataset`).
-    Status and visible prompts are a snapshot taken when the store is opened.
+    Status and visible prompts are a snapshot taken when the store is opened. ``path_or_url`` may
+    also be a zarr group already open on the store.
     """
 
-    def __init__(self, path_or_url: str | Path):
-        self.path = str(path_or_url)
-        self._group = open_group(path_or_url, "r")
+    def __init__(self, path_or_url: str | Path | zarr.Group):
+        if isinstance(path_or_url, zarr.Group):  # already open (figures of a group, old callers)
+            self._group, self.path = path_or_url, _group_path(path_or_url)
+        else:
+            self.path = str(path_or_url)
+            self._group = open_group(path_or_url, "r")
         self._arrays: dict[str, Any] = {}  # opened once: on s3 each opening is a metadata request
         self.provenance: dict = dict(self._group.attrs[ATTR])
         self.status: str = self.provenance.get("status", "unknown")
@@ -157,6 +163,13 @@ class Store:
                              "finish the run with --resume")
         start = int(self.prompt_start[p])
         return slice(start, start + int(self.prompt_length[p]))
+
+    def owners(self, prompt: int | None = None) -> RowOwners:
+        """Which prompt owns each row: every finished prompt, or only ``prompt`` (a finished one)."""
+        if prompt is None:
+            return self._owners
+        self.rows(prompt)  # raises for a prompt out of range or not finished
+        return RowOwners(self.prompt_start, self.prompt_length, np.array([self._index(prompt)]))
 
     def prompt(self, p: int) -> PromptRecord:
         """Prompt ``p``: its id, token ids ``[n]`` int32, text, and its rows of every hook."""
@@ -384,6 +397,18 @@ def chunk_unit(chunk_rows: list[int], row_bytes: int, budget_bytes: int = BLOCK_
         return unit
     fitting = [c for c in chunk_rows if c * row_bytes <= budget_bytes]
     return max(fitting) if fitting else min(chunk_rows)
+
+
+def _group_path(group: zarr.Group) -> str:
+    """Where an open group is, as :func:`open_store` takes it (a directory or a URL)."""
+    store = group.store
+    if getattr(store, "root", None) is not None:  # LocalStore
+        base = str(store.root)
+    elif getattr(store, "fs", None) is not None:  # FsspecStore (s3://...)
+        base = store.fs.unstrip_protocol(store.path)
+    else:
+        base = str(store)
+    return f"{base.rstrip('/')}/{group.path}" if group.path else base
 
 
 def _row_bytes(arrays) -> int:

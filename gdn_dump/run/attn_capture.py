@@ -14,23 +14,8 @@ import torch
 from ..ops.attention import expand_kv_heads, gdn_effective_attention, heuristic_effective_attention, relative_residual
 from ..catalogue import GDN, MATRIX_METHODS, MATRIX_MODES, MatrixSpec, attention_hook_name, gdn_hook_name
 from ..dtypes import PRECISIONS, check
-from ..errors import GdnDumpError
 
-RESIDUAL_LIMIT = 1e-3
 _GDN_INPUTS = ("q", "k", "beta", "log_decay", "v", "recurrence_out")
-
-
-def check_budget(plan, max_bytes: int) -> None:
-    """Refuse, before any model runs, a plan whose attention matrices exceed ``max_bytes``."""
-    from ..store.layout import format_bytes
-
-    if plan.matrix_bytes > max_bytes:
-        raise GdnDumpError(
-            f"the attention matrices need {format_bytes(plan.matrix_bytes)} ({plan.n_prompts} "
-            f"prompts, longest {int(plan.prompt_lengths.max())} tokens), over --max-bytes "
-            f"{format_bytes(max_bytes)}; select fewer layers, --heads, shorter --max-length, or "
-            "raise --max-bytes"
-        )
 
 
 def hooks_for(layers: list[MatrixSpec]) -> list[str]:

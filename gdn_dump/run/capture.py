@@ -45,6 +45,7 @@ class CapturedBatch:
     residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per prompt
     empty: list[int] = field(default_factory=list)  # prompts without tokens, riding along
     stat_values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [H, K] moments (CUDA)
+    width: int = 0  # padded length of the batch that ran (its padding: width * len(lengths) - rows)
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -121,7 +122,7 @@ class Capture:
         self._lengths = list(lengths)
         tokens = input_ids.reshape(-1)[torch.as_tensor(flat)].to(torch.int32).numpy()
         self._batch = CapturedBatch(list(range(batch_size)) if prompts is None else list(prompts),
-                                    list(lengths), tokens, dtypes=self.dtypes)
+                                    list(lengths), tokens, dtypes=self.dtypes, width=width)
         self._counts = []
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,

@@ -60,14 +60,6 @@ def units(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None =
         yield _cut(window, batch_size, max_batch_tokens, window_tokens)
 
 
-def batches(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
-            window_tokens: int | None = None, boundary_every: int | None = None
-            ) -> Iterator[list[Item]]:
-    """The batches of :func:`units`, one after another."""
-    for unit in units(items, batch_size, max_batch_tokens, window_tokens, boundary_every):
-        yield from unit
-
-
 def _cut(window: list[Item], batch_size: int, max_batch_tokens: int | None,
          window_tokens: int | None) -> list[list[Item]]:
     if not window_tokens:
@@ -99,16 +91,6 @@ def _pack(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None) 
         width = new_width
     if batch:
         yield batch
-
-
-def padding_fraction(batch_list: Iterable[list[Item]]) -> float:
-    """Share of padded positions in ``batch_list`` (what sorting saves)."""
-    real = padded = 0
-    for batch in batch_list:
-        lengths = [len(t) for _, t in batch]
-        real += sum(lengths)
-        padded += max(lengths) * len(lengths)
-    return 1 - real / padded if padded else 0.0
 
 
 class HalvingRunner:

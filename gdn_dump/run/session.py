@@ -1,25 +1,53 @@
-"""One store from one or many processes: create or join it, resume, survive signals.
+"""One store from one or many processes: create or join it, resume, record progress, survive signals.
 
 Process 0 creates the store (arrays, prompt index, provenance) and marks it ready in the ledger
-(:mod:`gdn_dump.ledger`); under torchrun the others pass a barrier, independent ``--shard`` tasks
-poll for the marker. Each process then works on its own region from where its record says.
+(:mod:`gdn_dump.store.ledger`); under torchrun the others pass a barrier, independent ``--shard``
+tasks poll for the marker. Each process then works on its own region from where its record says,
+and records its progress there (:class:`ProgressRecorder`).
+
+What to do with ``--out`` is decided once, by :func:`decide`, before any weights load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
+import resource
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import zarr
 
 from ..errors import StoreError, Terminated
-from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready
+from ..ops.stats import ArrayStats, for_arrays, from_json, to_json
+from ..store.create import ATTR, COMPLETE, check_out, create_store, open_group
 from ..store.layout import Plan
-from ..store.create import ATTR, COMPLETE, create_store, has_store, open_group
+from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready, write_record
+from ..store.location import Location, locate
+from ..store.tally import Tally
 from .split import Barrier, WorkSplit, run_id
+
+
+class Start(enum.Enum):
+    CREATE = "create"  # process 0: a new store (the place was checked)
+    RESUME = "resume"  # process 0 with --resume: the store is there, continue it
+    JOIN = "join"  # any other process: wait for process 0's store
+
+
+def decide(opts, split: WorkSplit) -> tuple[Start, Location]:
+    """What this process does with ``--out``, decided once. Creating checks the place now
+    (exists without ``--overwrite``, a file, not writable, not ours), before weights load."""
+    loc = locate(opts.out)
+    if not split.creator:
+        return Start.JOIN, loc
+    if opts.resume and loc.has_group():
+        return Start.RESUME, loc
+    if not opts.dry_run:
+        check_out(loc, overwrite=opts.overwrite)
+    return Start.CREATE, loc
 
 
 @dataclass
@@ -27,12 +55,30 @@ class Session:
     """This process's view of the run: the store, its region, and where to start in it."""
 
     group: zarr.Group
+    location: Location
     region: int
     lo: int  # prompts [lo, hi) of the region
     hi: int
     resume_from: int  # first prompt to compute
+    record: dict | None = None  # the region's progress record, if it has one
     region_done: bool = False
     store_complete: bool = False
+
+    def resumed_stats(self, plan: Plan) -> dict[str, ArrayStats] | None:
+        """The statistics of the rows before ``resume_from``: None (fresh) at the region's start,
+        else those of the record; ``{}`` (none for this region) for a record without them."""
+        if self.resume_from <= self.lo:
+            return None
+        state = (self.record or {}).get("stats")
+        if not state or set(state) != set(for_arrays(plan.arrays)):
+            return {}
+        return from_json(state)
+
+    def resumed_tally(self) -> Tally:
+        """What the rows before ``resume_from`` took (the record's tally), or nothing."""
+        if self.resume_from <= self.lo:
+            return Tally()
+        return Tally.from_json((self.record or {}).get("tally"))
 
 
 def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) -> dict:
@@ -40,7 +86,7 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
     return {
         "model": opts.model, "revision": opts.revision, "model_dtype": model_dtype,
         "hooks": [h.name for h in plan.hooks],
-        "attention": [[a.layer, list(a.heads)] for a in plan.attn_layers],
+        "attention": [[a.layer, list(a.heads)] for a in plan.matrices],
         "attn_mode": opts.attn_mode, "attn_method": opts.attn_method,
         "attn_precision": opts.attn_precision,
         "storage_dtype": plan.storage_dtype, "compressor": opts.compressor,
@@ -54,35 +100,31 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
     }
 
 
-def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenance: dict,
-                 barrier: Barrier) -> Session:
-    """Create, join or resume the store; return where this process starts."""
-    path = opts.out
+def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: WorkSplit,
+                 fp: dict, provenance: dict, barrier: Barrier, on_open=None) -> Session:
+    """Create, resume or join the store as :func:`decide` said; return where this process starts.
+    ``on_open(out)`` is called as soon as the store exists for this process."""
     launch = run_id()
-    group = None
-    if split.creator:
-        if opts.resume and has_store(path):
-            group = open_group(path, mode="r+")
-            info = ready_info(group)
-            if info is None:  # killed while creating: nothing in it can be trusted
-                group = None
-            else:
-                diff = differences(info.get("fingerprint", {}), fp)
-                if diff:
-                    raise StoreError(f"--resume: {opts.out} was written with different settings; "
-                                     f"{'; '.join(diff[:8])}")
+    on_open = on_open or (lambda out: None)
+    if start is Start.JOIN:
+        barrier.wait()
+        group = wait_ready(lambda: open_group(loc, mode="r+"), fp, launch, opts.wait_timeout,
+                           opts.resume)
+        on_open(opts.out)
+    else:
+        group = _resumable(opts, loc, fp) if start is Start.RESUME else None
         if group is None:
-            group = create_store(opts.out, plan, provenance, overwrite=opts.overwrite or opts.resume,
-                                 compressor=opts.compressor, prompt_ids=(p.id for p in source))
+            group = create_store(loc if start is Start.CREATE else check_out(loc, overwrite=True),
+                                 plan, provenance, compressor=opts.compressor,
+                                 prompt_ids=(p.id for p in source))
+            on_open(opts.out)
             mark_ready(group, fp, plan.regions, launch)
             fault("after-create")
+        else:
+            on_open(opts.out)
         barrier.wait()
-    else:
-        barrier.wait()
-        group = wait_ready(lambda: open_group(path, mode="r+"), fp, launch, opts.wait_timeout,
-                           opts.resume)
     lo, hi = plan.regions[split.index]
-    session = Session(group, split.index, lo, hi, lo,
+    session = Session(group, loc, split.index, lo, hi, lo,
                       store_complete=group.attrs[ATTR].get("status") == COMPLETE)
     record = read_record(group, split.index)
     if record is not None:
@@ -90,9 +132,63 @@ def open_session(opts, plan: Plan, source, split: WorkSplit, fp: dict, provenanc
             raise StoreError(f"region {split.index} of {opts.out} already has progress "
                              f"(up to prompt {record.get('resume_from')}); pass --resume to continue "
                              "it, or --overwrite on process 0 to start over")
+        session.record = record
         session.resume_from = int(record.get("resume_from", lo))
         session.region_done = bool(record.get("done"))
     return session
+
+
+def _resumable(opts, loc: Location, fp: dict) -> zarr.Group | None:
+    """The store to continue, or None when it was never marked ready (killed while being
+    created: nothing in it can be trusted, so it is created again)."""
+    group = open_group(loc, mode="r+")
+    info = ready_info(group)
+    if info is None:
+        return None
+    diff = differences(info.get("fingerprint", {}), fp)
+    if diff:
+        raise StoreError(f"--resume: {opts.out} was written with different settings; "
+                         f"{'; '.join(diff[:8])}")
+    return group
+
+
+class ProgressRecorder:
+    """Writes this process's progress record; called on the writer thread once every row before
+    the recorded prompt is written (see :meth:`gdn_dump.store.writer.RowWriter.checkpoint`)."""
+
+    def __init__(self, session: Session, plan: Plan):
+        self.session, self.plan = session, plan
+        self.checkpoints = 0
+
+    def record(self, resume_from: int, stats: dict[str, ArrayStats] | None, tally: Tally,
+               done: bool = False) -> None:
+        session = self.session
+        # chunk files are written without fsync: make them durable before claiming them
+        session.location.sync()
+        write_record(session.group, session.region, {
+            "prompts": [session.lo, session.hi], "rows": list(self.plan.region_rows(session.region)),
+            "resume_from": resume_from, "done": done,
+            "tokens": int(self.plan.prompt_lengths[session.lo:resume_from].sum()),
+            "tally": tally.to_json(), "peak_rss": peak_rss(),
+            "stats": to_json(stats) if stats is not None else None,
+        })
+        self.checkpoints += 1
+        fault(f"after-checkpoint:{self.checkpoints}")
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Clock:
+    """Seconds spent on a region over every run: the resumed record's, plus this run's."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.started = before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
 """From captured batches to the writer, in prompt order, on a thread of its own.
 
-Batches arrive in run order (length-sorted inside a window, see :mod:`gdn_dump.schedule`); the
+Batches arrive in run order (length-sorted inside a window, see :mod:`gdn_dump.run.schedule`); the
 store wants rows in prompt order. :class:`BatchSink` keeps each batch's host rows until every prompt
 before them has been handed on, then appends runs of consecutive prompts to the
-:class:`~gdn_dump.store.RowWriter`. Since windows are consecutive prompts and a window's batches
-all arrive before the next window's, it never holds more than one window of rows.
+:class:`~gdn_dump.store.writer.RowWriter`. Since windows are consecutive prompts and a window's
+batches all arrive before the next window's, it never holds more than one window of rows.
+
+The sink thread owns the run's counts (:class:`~gdn_dump.store.tally.Tally`) and statistics: it
+snapshots both at every unit end, and a progress record carries the snapshot of its unit.
 """
 
 from __future__ import annotations
@@ -16,18 +19,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from .capture import NONFINITE, OVERFLOW, CapturedBatch
+from .session import Clock
 from ..errors import RunFailure
 from ..store.layout import Plan
 from ..ops.stats import ArrayStats, for_arrays, snapshot
 from ..ops.stats_device import merge_packed
+from ..store.tally import Tally
 from ..store.writer import BackgroundWorker, RowWriter
 
 
 @dataclass(frozen=True)
 class UnitEnd:
-    """Put after the last batch of a unit: every prompt before ``prompt`` has been captured."""
+    """Put after the last batch of a unit: every prompt before ``prompt`` has been captured,
+    with ``oom_retries`` out-of-memory retries in this run so far."""
 
     prompt: int
+    oom_retries: int = 0
 
 
 @dataclass
@@ -54,27 +61,29 @@ class BatchSink(BackgroundWorker):
     count the rows kept for reordering.
     """
 
-    def __init__(self, writer: RowWriter, plan: Plan, result, start_prompt: int = 0,
-                 max_batches: int = 2, checkpoint=None, checkpoint_every: float = 60.0,
-                 fail_on_nonfinite: bool = False, stats: dict[str, ArrayStats] | None = None):
+    def __init__(self, writer: RowWriter, plan: Plan, *, start_prompt: int = 0,
+                 max_batches: int = 2, recorder=None, checkpoint_every: float = 60.0,
+                 fail_on_nonfinite: bool = False, stats: dict[str, ArrayStats] | None = None,
+                 tally: Tally | None = None, clock: Clock | None = None):
         self.writer = writer
-        # checkpoint(prompt, stats) runs on the writer thread once every row before ``prompt`` is
-        # durable; ``stats`` are the statistics of exactly those rows (see :mod:`gdn_dump.stats`)
-        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        # recorder.record(prompt, stats, tally) runs on the writer thread once every row before
+        # ``prompt`` is durable; ``stats`` and ``tally`` are those of exactly those rows
+        self.recorder, self.checkpoint_every = recorder, checkpoint_every
         self.last_unit_end = start_prompt  # the latest unit boundary handed to the writer
         self._last_checkpoint = time.monotonic()
-        self.result = result  # an ExtractResult: value counts and residual statistics go there
         self.fail_on_nonfinite = fail_on_nonfinite
         self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
         self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
-        residuals = {a.name for a in plan.arrays if a.stream == "prompt"}
-        self.residual_arrays = {a.name: a.name.replace("attn_matrix", "attn_residual")
-                                for a in plan.attn_layers
-                                if a.name.replace("attn_matrix", "attn_residual") in residuals}
-        # per-head statistics of the rows handed to the writer (from the region's first prompt:
-        # ``stats`` continues a resumed run's), and their copy at the latest unit boundary
+        self.residual_arrays = {a.name: a.residual_name for a in plan.matrices
+                                if a.has_residual(plan.attn_mode)}
+        # per-head statistics and counts of the rows handed to the writer (from the region's first
+        # prompt: ``stats`` and ``tally`` continue a resumed run's), and their copies at the
+        # latest unit boundary
         self.stats = for_arrays(plan.arrays) if stats is None else stats
-        self.unit_stats = snapshot(self.stats)
+        self.tally = tally or Tally()
+        self.clock = clock or Clock(self.tally.seconds)
+        self._oom_before = self.tally.oom_retries
+        self.unit_stats, self.unit_tally = snapshot(self.stats), self.tally.snapshot()
         self.next_prompt = start_prompt
         self._ready: dict[int, _Ready] = {}
         self.held_bytes = 0
@@ -83,7 +92,7 @@ class BatchSink(BackgroundWorker):
 
     def handle(self, batch: CapturedBatch | UnitEnd) -> None:
         if isinstance(batch, UnitEnd):
-            self._unit_end(batch.prompt)
+            self._unit_end(batch)
             return
         batch.wait()
         self._tally(batch)  # before any of its rows are written: --fail-on-nonfinite stops here
@@ -131,27 +140,30 @@ class BatchSink(BackgroundWorker):
             for matrix, residual in self.residual_arrays.items():
                 self.writer.append(residual, np.array([r.residuals[matrix] for r in run]))
 
-    def _unit_end(self, prompt: int) -> None:
-        if self.next_prompt != prompt or self._ready:
-            raise RunFailure(f"internal error: unit ending at prompt {prompt} while prompt "
+    def _unit_end(self, end: UnitEnd) -> None:
+        if self.next_prompt != end.prompt or self._ready:
+            raise RunFailure(f"internal error: unit ending at prompt {end.prompt} while prompt "
                              f"{self.next_prompt} is next")
-        self.last_unit_end = prompt
-        self.unit_stats = snapshot(self.stats)
+        self.last_unit_end = end.prompt
+        self.tally.oom_retries = self._oom_before + end.oom_retries
+        self.tally.seconds = self.clock.seconds()
+        self.unit_stats, self.unit_tally = snapshot(self.stats), self.tally.snapshot()
         now = time.monotonic()
-        if self.checkpoint is not None and now - self._last_checkpoint >= self.checkpoint_every:
+        if self.recorder is not None and now - self._last_checkpoint >= self.checkpoint_every:
             self._last_checkpoint = now
-            self.writer.checkpoint(functools.partial(self.checkpoint, prompt, self.unit_stats))
+            self.writer.checkpoint(functools.partial(self.recorder.record, end.prompt,
+                                                     self.unit_stats, self.unit_tally))
 
     def _tally(self, batch: CapturedBatch) -> None:
+        tally = self.tally
+        tally.prompts += len(batch.prompts) + len(batch.empty)
+        tally.tokens += sum(batch.lengths)
+        tally.padded_tokens += batch.width * len(batch.lengths)
         for name, values in batch.residuals.items():
-            worst, total, count = self.result.residuals.get(name, (0.0, 0.0, 0))
-            self.result.residuals[name] = (max(worst, max(values)), total + sum(values),
-                                           count + len(values))
+            tally.add_residuals(name, values)
         nonfinite = batch.counts(NONFINITE)
-        for counts, totals in ((batch.counts(OVERFLOW), self.result.overflow),
-                               (nonfinite, self.result.nonfinite)):
-            for name, count in counts.items():
-                totals[name] = totals.get(name, 0) + count
+        tally.add_counts(tally.overflow, batch.counts(OVERFLOW))
+        tally.add_counts(tally.nonfinite, nonfinite)
         if self.fail_on_nonfinite and nonfinite:
             name, count = next(iter(nonfinite.items()))
             listed = ", ".join(map(str, batch.prompts[:8])) + (" ..." if len(batch.prompts) > 8 else "")

@@ -111,3 +111,21 @@ class Barrier:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+    def __enter__(self) -> Barrier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def device_for(device: str, split: WorkSplit):
+    """The torch device of this process: under torchrun, ``--device auto`` means this process's
+    GPU (``LOCAL_RANK``)."""
+    import torch
+
+    from ..model.load import resolve_device
+
+    if device == "auto" and split.local_rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", split.local_rank % torch.cuda.device_count())
+    return resolve_device(device)

@@ -9,6 +9,15 @@ configuration, elements are 2-byte values ``0bSEEEEEEEEMMMMMMM`` whose byte orde
 (= ``0x7fc0``), ``"Infinity"``, ``"-Infinity"``, or ``"0xXXXX"`` giving the raw bits).
 TensorStore's zarr3 driver uses the same name and encoding, so stores are readable by both.
 
+How zarr finds it: gdn-dump declares the class in the ``zarr.data_type`` entry-point group
+(``pyproject.toml``), which zarr loads the first time it resolves a data type, so any process
+where gdn-dump is installed reads bfloat16 stores (plain ``zarr.open``, ``xarray.open_zarr``)
+without importing gdn_dump first. Importing this module registers nothing; writers call
+:func:`zarr_dtype` (or :func:`register_bfloat16`), which registers it explicitly. Where zarr
+already has a ``bfloat16`` data type (a newer zarr, or another package's), that one is kept:
+the entry point names it (:data:`ZARR_BFLOAT16`), registering never replaces it, and arrays are
+still written with this class, whose on-disk form is the same spec.
+
 In memory the values are numpy arrays of ``ml_dtypes.bfloat16``, which is what torch, JAX and
 TensorStore interoperate with.
 
@@ -26,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..dtypes import ITEMSIZE
 from ..errors import GdnDumpError
 
 __all__ = [
@@ -33,7 +43,9 @@ __all__ = [
     "BFloat16",
     "is_bfloat16_supported",
     "register_bfloat16",
-    "storage_dtype",
+    "registered_bfloat16",
+    "ZARR_BFLOAT16",  # noqa: F822 - resolved by the module __getattr__ (the entry points)
+    "zarr_dtype",
 ]
 
 BFLOAT16_NAME = "bfloat16"
@@ -48,8 +60,13 @@ _UNSUPPORTED_MSG = (
 # that float16/float32 storage keeps working and bfloat16 fails with one clear message.
 try:
     import ml_dtypes
-    from zarr.core.dtype import DataTypeValidationError, data_type_registry
+    from zarr.core.dtype import data_type_registry
     from zarr.core.dtype.common import HasEndianness, HasItemSize
+
+    try:  # newer zarr (where importing it from zarr.core.dtype is deprecated)
+        from zarr.errors import DataTypeValidationError
+    except ImportError:  # zarr 3.1
+        from zarr.core.dtype.common import DataTypeValidationError
     from zarr.core.dtype.wrapper import ZDType
 except ImportError:  # pragma: no cover - depends on the installed versions
     ml_dtypes = None  # type: ignore[assignment]
@@ -166,7 +183,15 @@ def register_bfloat16() -> None:
     """
     if BFloat16 is None or not hasattr(data_type_registry, "register"):
         raise GdnDumpError(_UNSUPPORTED_MSG)
-    data_type_registry.register(BFLOAT16_NAME, BFloat16)
+    if registered_bfloat16() is None:  # never replace zarr's own (or another package's) bfloat16
+        data_type_registry.register(BFLOAT16_NAME, BFloat16)
+
+
+def registered_bfloat16() -> Any:
+    """The class zarr has registered as ``bfloat16`` (None if none yet), without making zarr load
+    its entry points (this runs while zarr loads them)."""
+    contents = getattr(data_type_registry, "contents", None) if BFloat16 is not None else None
+    return contents.get(BFLOAT16_NAME) if isinstance(contents, dict) else None
 
 
 def is_bfloat16_supported() -> bool:
@@ -178,19 +203,38 @@ def is_bfloat16_supported() -> bool:
     return True
 
 
-def storage_dtype(name: str) -> Any:
-    """Map a storage dtype name to what ``zarr.create_array(dtype=...)`` accepts.
+def zarr_dtype(name: str) -> Any:
+    """What ``zarr.create_array(dtype=...)`` takes for a dtype name of :mod:`gdn_dump.dtypes`.
 
-    float32/float16 give numpy dtypes; bfloat16 gives a ``BFloat16()`` instance (explicit, so no
+    Numeric names give numpy dtypes; bfloat16 gives a ``BFloat16()`` instance (explicit, so no
     dtype inference is involved) after registering it so the array can be read back.
     """
-    if name in ("float32", "float16"):
-        return np.dtype(name)
     if name == BFLOAT16_NAME:
         register_bfloat16()
         return BFloat16()
-    raise GdnDumpError(f"Unknown storage dtype {name!r}: expected float32, float16 or bfloat16.")
+    if name not in ITEMSIZE:
+        raise GdnDumpError(f"unknown dtype {name!r}: expected one of {', '.join(ITEMSIZE)}")
+    return np.dtype(name)
 
 
-if BFloat16 is not None:
-    register_bfloat16()
+def __getattr__(name: str) -> Any:
+    """The two entry points of pyproject.toml, resolved only when zarr loads them.
+
+    ``ZARR_BFLOAT16`` (group ``zarr.data_type``): zarr registers it under its ``_zarr_v3_name``.
+    A bfloat16 zarr already has (its own, in a newer zarr, or another package's) stays: then this
+    names that one, and zarr's registering it again changes nothing.
+
+    ``ZARR_BUFFER`` (group ``zarr.buffer``): zarr 3.1 to 3.4.0 collect the ``zarr.data_type``
+    entry points but never load them (3.4.1 does). They do load the ``zarr.buffer`` ones the first
+    time a buffer class is looked up, which opening any group does before it reads an array's
+    metadata. So this registers bfloat16 and names zarr's own CPU buffer class, which zarr then
+    registers again under the name it already has: buffers are unchanged.
+    """
+    if name == "ZARR_BFLOAT16":
+        return registered_bfloat16() or BFloat16
+    if name == "ZARR_BUFFER":
+        from zarr.core.buffer.cpu import Buffer
+
+        is_bfloat16_supported()
+        return Buffer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""The Zarr v3 store of a run: create it from a plan, open it, status, summary, provenance.
+"""The Zarr v3 store of a run: check the place, create it from a plan, open it, its status.
 
-The layout is the store contract of DESIGN.md section 4; rows are written by
-:mod:`gdn_dump.writer`, progress is kept by :mod:`gdn_dump.ledger`.
+The layout (:mod:`gdn_dump.store.layout`) is the store contract of DESIGN.md section 4; rows are
+written by :mod:`gdn_dump.store.writer`, progress is kept by :mod:`gdn_dump.store.ledger`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from .bfloat16 import storage_dtype
 from ..errors import RunFailure, StoreError
+from .bfloat16 import zarr_dtype
+from .layout import INDEX_ARRAYS, ArraySpec, Plan, format_bytes, index_chunks
 from .location import Location, locate
-from .layout import ArraySpec, Plan, format_bytes
 
 ATTR = "gdn_dump"
 IN_PROGRESS = "in_progress"
@@ -39,13 +39,13 @@ def compressors_for(name: str):
     raise StoreError(f"--compressor must be one of {', '.join(COMPRESSORS)}, not {name!r}")
 
 
-def check_out(out: str | Path, *, overwrite: bool) -> Location:
+def check_out(out: str | Path | Location, *, overwrite: bool) -> Location:
     """Refuse an existing ``--out`` unless ``--overwrite``; refuse a file or an unwritable place.
 
     ``--overwrite`` replaces only a gdn-dump store (or nothing: an empty directory): a typo in
     ``--out`` must not delete someone's data.
     """
-    loc = locate(out)
+    loc = out if isinstance(out, Location) else locate(out)
     if loc.is_file():
         raise StoreError(f"--out {out} is an existing file, not a store; choose another path")
     if loc.exists():
@@ -74,18 +74,15 @@ def is_gdn_dump_store(loc: Location) -> bool:
     return isinstance(meta, dict) and ATTR in (meta.get("attributes") or {})
 
 
-def has_store(out: str | Path) -> bool:
-    """Whether ``out`` holds a Zarr group (a run was at least started there)."""
-    loc = locate(out)
-    if loc.is_local:
-        return (loc.path / "zarr.json").exists()
-    return loc.fs.exists(f"{loc.url.rstrip('/')}/zarr.json")
+def create_store(out: str | Path | Location, plan: Plan, provenance: dict, *,
+                 overwrite: bool = False, compressor: str = "none",
+                 prompt_ids: Iterable[str] = ()) -> zarr.Group:
+    """Create every array of ``plan`` and the prompt index; the store says ``in_progress``.
 
-
-def create_store(out: str | Path, plan: Plan, provenance: dict, *, overwrite: bool = False,
-                 compressor: str = "none", prompt_ids: Iterable[str] = ()) -> zarr.Group:
-    """Create every array of ``plan`` and the prompt index; the store says ``in_progress``."""
-    loc = check_out(out, overwrite=overwrite)
+    ``out``: a path or URL, checked here with :func:`check_out`, or the :class:`Location` that
+    ``check_out`` returned (the place was checked once, when the run decided to create it).
+    """
+    loc = out if isinstance(out, Location) else check_out(out, overwrite=overwrite)
     compressors = compressors_for(compressor)
     if loc.exists():  # an empty directory stays (it may be a mount point)
         loc.remove()  # a bulk delete (zarr's own mode="w" clear deletes object by object on S3)
@@ -104,24 +101,23 @@ def _create(loc: Location, plan: Plan, provenance: dict, compressors, prompt_ids
                             attributes={ATTR: {**provenance, "status": IN_PROGRESS}})
     for spec in plan.arrays:
         _create_array(group, spec, compressors)
-    n = plan.n_prompts
+    n, chunk = plan.n_prompts, index_chunks(plan.n_prompts)
     for name, values in (("prompt_start", plan.prompt_starts), ("prompt_length", plan.prompt_lengths)):
-        arr = group.create_array(name, shape=(n,), chunks=(_index_chunks(n),),
-                                 dtype=checked_dtype(name, "int64"),
+        arr = group.create_array(name, shape=(n,), chunks=(chunk,),
+                                 dtype=checked_dtype(name, INDEX_ARRAYS[name]),
                                  dimension_names=["prompt"], compressors=compressors,
                                  config={"write_empty_chunks": True})
         arr[:] = values
     # Ids are data (vlen-utf8 strings), never paths: nothing is named after them.
-    ids = group.create_array("prompt_id", shape=(n,), chunks=(_index_chunks(n),),
+    ids = group.create_array("prompt_id", shape=(n,), chunks=(chunk,),
                              dtype=checked_dtype("prompt_id", str),
                              dimension_names=["prompt"], config={"write_empty_chunks": True})
-    _write_streamed(ids, prompt_ids, _index_chunks(n))
+    _write_streamed(ids, prompt_ids, chunk)
     return group
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array:
-    dtype = storage_dtype(spec.dtype) if spec.dtype in ("float16", "bfloat16") else spec.dtype
-    dtype = checked_dtype(spec.name, dtype)
+    dtype = zarr_dtype(checked_dtype(spec.name, spec.dtype))
     hook_attrs = {"hook": spec.hook.name, "layer": spec.hook.layer,
                   "layer_type": spec.hook.layer_type} if spec.hook else {}
     return group.create_array(
@@ -148,10 +144,6 @@ def checked_dtype(name: str, dtype):
         raise StoreError(f"array {name!r}: dtype {dtype!r} would store pickled Python objects; "
                          "a gdn-dump store holds only numbers and strings")
     return dtype
-
-
-def _index_chunks(n: int) -> int:
-    return max(1, min(n, 1 << 16))
 
 
 def _write_streamed(arr: zarr.Array, values: Iterable[str], chunk: int) -> None:
@@ -200,10 +192,10 @@ def set_status(group: zarr.Group, status: str, **extra: Any) -> None:
     group.attrs[ATTR] = meta
 
 
-def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_group(path: str | Path | Location, mode: str = "r") -> zarr.Group:
     """Open a gdn-dump store (a local directory or a URL such as ``s3://bucket/prefix``)."""
-    loc = locate(path)
-    if not has_store(path):
+    loc = path if isinstance(path, Location) else locate(path)
+    if not loc.has_group():
         raise StoreError(f"{path}: no such store")
     try:
         group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode=mode)

@@ -3,26 +3,26 @@
 Token layout: prompt p owns rows ``prompt_start[p] : prompt_start[p] + prompt_length[p]`` of every
 per-token array, in file order. Chunk lengths along the token axis are powers of two, so the
 longest chunk of a store is a multiple of every other: aligning work to it aligns it to all.
+The arrays and their dimension names are the store contract (DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..catalogue import ATTENTION_MATRIX, HookSpec
+from ..catalogue import ATTENTION_MATRIX, HookSpec, MatrixSpec
+from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STORAGE_DTYPES, TOKEN_DTYPE,
+                      check, hook_dtype, itemsize)
 from ..errors import GdnDumpError
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SCALAR_DTYPE = "float32"
 TARGET_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_TOKENS = 1 << 20
 PROMPT_CHUNK = 1024  # per-prompt arrays (attention residuals)
 ATTENTION_TILE = 256
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+INDEX_CHUNK = 1 << 16  # prompt_start, prompt_length, prompt_id
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ArraySpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE.get(self.dtype, 8)
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
 
     @property
     def chunk_tokens(self) -> int:
@@ -59,7 +59,7 @@ class ArraySpec:
 
 @dataclass
 class Plan:
-    """The layout of one run's store."""
+    """The layout of one run's store: the selection, every array, the rows of every prompt."""
 
     hooks: list[HookSpec]
     arrays: list[ArraySpec]
@@ -69,7 +69,7 @@ class Plan:
     storage_dtype: str
     max_length: int | None
     truncated: int
-    attn_layers: list = field(default_factory=list)  # AttnLayer, see attn_capture
+    matrices: list[MatrixSpec] = field(default_factory=list)
     attn_mode: str = "exact"
     regions: list[tuple[int, int]] = field(default_factory=list)  # prompts [lo, hi) per process
     skipped: int = 0  # prompts over max_length stored without tokens (--on-long skip)
@@ -84,15 +84,15 @@ class Plan:
     @property
     def prompt_chunk(self) -> int | None:
         """Chunk of the per-prompt arrays written during the run (processes split only there)."""
-        return next((a.chunks[0] for a in self.arrays if a.stream == "prompt"), None)
+        return prompt_chunk(self.matrices, self.attn_mode, self.n_prompts)
 
     @property
     def matrix_bytes(self) -> int:
         """Bytes the attention matrices cost (tiles past each prompt's length are never written)."""
         squares = int(np.square(self.prompt_lengths).sum())
-        heads = sum(len(a.heads) for a in self.attn_layers)
-        heads += sum(a.hook.shape[0] for a in self.arrays if a.hook and a.hook.kind == ATTENTION_MATRIX)
-        return heads * squares * 4
+        heads = sum(len(a.heads) for a in self.matrices)
+        heads += sum(h.shape[0] for h in self.hooks if h.kind == ATTENTION_MATRIX)
+        return heads * squares * itemsize(MATRIX_DTYPE)
 
     @property
     def n_prompts(self) -> int:
@@ -105,10 +105,22 @@ class Plan:
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(a.nbytes // max(a.shape[0], 1) for a in self.arrays if a.per_token)
+        return bytes_per_token(self.hooks, self.storage_dtype)
 
-    def array(self, name: str) -> ArraySpec:
-        return next(a for a in self.arrays if a.name == name)
+
+def bytes_per_token(hooks: list[HookSpec], storage_dtype: str) -> int:
+    """Bytes of one token row over ``tokens`` and every per-token hook (what sorting windows and
+    the reorder buffer are measured in)."""
+    return itemsize(TOKEN_DTYPE) + sum(_row_bytes(h, storage_dtype) for h in hooks
+                                       if h.kind != ATTENTION_MATRIX)
+
+
+def prompt_chunk(matrices: list[MatrixSpec], attn_mode: str, n_prompts: int) -> int | None:
+    """Chunk of the per-prompt arrays written during a run (the residuals of exact GDN
+    matrices), or None when there are none: processes may split only at its multiples."""
+    if any(a.has_residual(attn_mode) for a in matrices):
+        return max(1, min(n_prompts, PROMPT_CHUNK))
+    return None
 
 
 def make_plan(
@@ -121,69 +133,91 @@ def make_plan(
     truncated: int = 0,
     skipped: int = 0,
     target_chunk_bytes: int = TARGET_CHUNK_BYTES,
-    attn_layers: list | tuple = (),
+    matrices: list[MatrixSpec] | tuple = (),
     attn_mode: str = "exact",
     shard_tokens: int | None = None,
     regions: list[tuple[int, int]] | None = None,
 ) -> Plan:
-    if storage_dtype not in STORAGE_DTYPES:
-        raise GdnDumpError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise GdnDumpError(f"--chunk-tokens must be at least 1, not {chunk_tokens}")
-    if shard_tokens is not None and shard_tokens < 1:
-        raise GdnDumpError(f"--shard-tokens must be at least 1, not {shard_tokens}")
+    check("--dtype", storage_dtype, STORAGE_DTYPES)
+    for option, value in (("--chunk-tokens", chunk_tokens), ("--shard-tokens", shard_tokens)):
+        if value is not None and value < 1:
+            raise GdnDumpError(f"{option} must be at least 1, not {value}")
     lengths = np.asarray(prompt_lengths, dtype=np.int64)
-    n_tokens = int(lengths.sum())
-    l_max = int(lengths.max()) if len(lengths) else 0
-
-    def token_chunks(row_bytes: int) -> int:
-        if chunk_tokens is not None:
-            return chunk_tokens
-        fit = _pow2_floor(max(1, target_chunk_bytes // max(row_bytes, 1)))
-        return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(n_tokens, 1))))
-
-    def rows_layout(row_bytes: int, row_shape: tuple[int, ...]) -> dict:
-        """``chunks`` (and ``shards``: a multiple of the chunk holding about ``shard_tokens`` rows)."""
-        chunk = token_chunks(row_bytes)
-        if shard_tokens is None:
-            return {"chunks": (chunk, *row_shape)}
-        chunk = min(chunk, shard_tokens)
-        shard = -(-shard_tokens // chunk) * chunk
-        return {"chunks": (chunk, *row_shape), "shards": (shard, *row_shape)}
-
-    def row_bytes_of(hook: HookSpec) -> int:
-        dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
-        return int(np.prod(hook.shape, dtype=np.int64)) * _ITEMSIZE[dtype]
-
+    rows = _RowLayout(int(lengths.sum()), chunk_tokens, shard_tokens, target_chunk_bytes)
     per_token = [h for h in hooks if h.kind != ATTENTION_MATRIX]
-    write_units = [(rows_layout(4, ()).get("shards") or rows_layout(4, ())["chunks"])[0]]
-    write_units += [(lambda lay: (lay.get("shards") or lay["chunks"])[0])(rows_layout(row_bytes_of(h), h.shape))
-                    for h in per_token]
+    write_units = [rows.write_rows(itemsize(TOKEN_DTYPE))]
+    write_units += [rows.write_rows(_row_bytes(h, storage_dtype)) for h in per_token]
     regions = list(regions) if regions else [(0, len(lengths))]
     starts, n_rows = _region_layout(lengths, regions, math.lcm(*write_units))
+    arrays = [ArraySpec("tokens", (n_rows,), TOKEN_DTYPE, dims=("token",),
+                        **rows.layout(itemsize(TOKEN_DTYPE), ()))]
+    arrays += _hook_arrays(hooks, n_rows, len(lengths), lengths, storage_dtype, rows)
+    arrays += _matrix_arrays(list(matrices), attn_mode, lengths)
+    return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
+                list(matrices), attn_mode, regions, skipped)
 
-    arrays = [ArraySpec("tokens", (n_rows,), "int32", dims=("token",), **rows_layout(4, ()))]
-    n_prompts = len(lengths)
+
+class _RowLayout:
+    """Chunks (and shards) along the token axis: a few MB per chunk, power-of-two rows."""
+
+    def __init__(self, n_tokens: int, chunk_tokens: int | None, shard_tokens: int | None,
+                 target_chunk_bytes: int):
+        self.n_tokens, self.chunk_tokens, self.shard_tokens = n_tokens, chunk_tokens, shard_tokens
+        self.target_chunk_bytes = target_chunk_bytes
+
+    def chunk(self, row_bytes: int) -> int:
+        if self.chunk_tokens is not None:
+            return self.chunk_tokens
+        fit = _pow2_floor(max(1, self.target_chunk_bytes // max(row_bytes, 1)))
+        return max(1, min(fit, MAX_CHUNK_TOKENS, _pow2_ceil(max(self.n_tokens, 1))))
+
+    def layout(self, row_bytes: int, row_shape: tuple[int, ...]) -> dict:
+        """``chunks`` (and ``shards``: a multiple of the chunk holding about ``shard_tokens`` rows)."""
+        chunk = self.chunk(row_bytes)
+        if self.shard_tokens is None:
+            return {"chunks": (chunk, *row_shape)}
+        chunk = min(chunk, self.shard_tokens)
+        shard = -(-self.shard_tokens // chunk) * chunk
+        return {"chunks": (chunk, *row_shape), "shards": (shard, *row_shape)}
+
+    def write_rows(self, row_bytes: int) -> int:
+        layout = self.layout(row_bytes, ())
+        return (layout.get("shards") or layout["chunks"])[0]
+
+
+def _row_bytes(hook: HookSpec, storage_dtype: str) -> int:
+    return int(np.prod(hook.shape, dtype=np.int64)) * itemsize(hook_dtype(hook.scalar, storage_dtype))
+
+
+def _hook_arrays(hooks, n_rows, n_prompts, lengths, storage_dtype, rows: _RowLayout) -> list[ArraySpec]:
+    l_max = int(lengths.max()) if len(lengths) else 0
+    arrays = []
     for hook in hooks:
         if hook.kind == ATTENTION_MATRIX:
             kind = "softmax" if hook.name.endswith("hook_pattern") else "softmax_scores"
             arrays.append(_matrix_spec(hook.name, n_prompts, hook.shape[0], hook.dims[0], l_max,
                                        {"kind": kind}, hook))
             continue
-        dtype = SCALAR_DTYPE if hook.scalar else storage_dtype
-        arrays.append(ArraySpec(hook.name, (n_rows, *hook.shape), dtype, dims=("token", *hook.dims),
-                                hook=hook, **rows_layout(row_bytes_of(hook), hook.shape)))
-    for a in attn_layers:
+        arrays.append(ArraySpec(hook.name, (n_rows, *hook.shape), hook_dtype(hook.scalar, storage_dtype),
+                                dims=("token", *hook.dims), hook=hook,
+                                **rows.layout(_row_bytes(hook, storage_dtype), hook.shape)))
+    return arrays
+
+
+def _matrix_arrays(matrices: list[MatrixSpec], attn_mode: str, lengths: np.ndarray) -> list[ArraySpec]:
+    n_prompts = len(lengths)
+    l_max = int(lengths.max()) if n_prompts else 0
+    arrays = []
+    for a in matrices:
         attrs = {"kind": a.kind(attn_mode), "layer": a.layer, "layer_type": a.layer_type,
                  "heads": list(a.heads)}
         arrays.append(_matrix_spec(a.name, n_prompts, len(a.heads), a.head_dim, l_max, attrs))
-        if a.layer_type == "gdn" and attn_mode == "exact":
-            arrays.append(ArraySpec(f"blocks.{a.layer}.attn_residual", (n_prompts,), "float64",
-                                    (max(1, min(n_prompts, PROMPT_CHUNK)),), ("prompt",),
+        if a.has_residual(attn_mode):
+            arrays.append(ArraySpec(a.residual_name, (n_prompts,), RESIDUAL_DTYPE,
+                                    (prompt_chunk(matrices, attn_mode, n_prompts),), ("prompt",),
                                     attrs={"meaning": "||M V - recurrence_out|| / ||recurrence_out||"},
                                     stream="prompt"))
-    return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
-                list(attn_layers), attn_mode, regions, skipped)
+    return arrays
 
 
 def _region_layout(lengths: np.ndarray, regions: list[tuple[int, int]], align: int
@@ -205,20 +239,16 @@ def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: 
                  hook: HookSpec | None = None) -> ArraySpec:
     """``[n_prompts, heads, L_max, L_max]`` float32 in square tiles, one prompt and head per chunk."""
     tile = min(ATTENTION_TILE, max(l_max, 1))
-    return ArraySpec(name, (n_prompts, n_heads, l_max, l_max), "float32", (1, 1, tile, tile),
+    return ArraySpec(name, (n_prompts, n_heads, l_max, l_max), MATRIX_DTYPE, (1, 1, tile, tile),
                      ("prompt", head_dim, "query", "key"), hook, attrs, stream=None)
 
 
-def check_free_space(out: str | Path, needed: int) -> None:
-    """Refuse a run that cannot fit on the target disk (``--force`` skips this check)."""
-    from .location import locate
+def index_chunks(n_prompts: int) -> int:
+    """Chunk of the prompt index arrays (``prompt_start``, ``prompt_length``, ``prompt_id``)."""
+    return max(1, min(n_prompts, INDEX_CHUNK))
 
-    free = locate(out).free_bytes()
-    if free is not None and needed > free:
-        raise GdnDumpError(
-            f"the store needs about {format_bytes(needed)} but {out} has {format_bytes(free)} "
-            "free; free space, write elsewhere, or pass --force"
-        )
+
+INDEX_ARRAYS = {"prompt_start": INDEX_DTYPE, "prompt_length": INDEX_DTYPE}
 
 
 def format_bytes(n: float) -> str:

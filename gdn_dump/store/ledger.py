@@ -1,4 +1,4 @@
-"""The progress ledger kept in the store: readiness, one record per region, finalize.
+"""The progress ledger kept in the store: readiness and one record per region.
 
 Layout: the group ``_progress`` (its attributes: the run's fingerprint, the regions, ``ready``)
 and one child group per region, ``_progress/region-00003``, whose attributes are that region's
@@ -7,21 +7,19 @@ processes never write the same object; the creator alone writes ``_progress`` an
 
 A record says from which prompt the region must be recomputed (``resume_from``): everything
 before it is on disk. Records are written at unit boundaries after the writer has flushed, so
-resuming there recomputes whole units with the same batches and gives bit-identical rows.
+resuming there recomputes whole units with the same batches and gives bit-identical rows. A record
+also carries what its rows took (:class:`gdn_dump.store.tally.Tally`) and their statistics, so
+resuming continues the counts. :mod:`gdn_dump.store.finalize` reads all records at the end.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import Any
 
-import numpy as np
 import zarr
 
 from ..errors import RunFailure, StoreError
-from ..ops.stats import merged
-from .create import COMPLETE, FAILED, set_status
 from .provenance import now_iso
 
 PROGRESS = "_progress"
@@ -120,72 +118,3 @@ def region_status(group: zarr.Group) -> tuple[list[dict | None], list[int]]:
     pending = [r for r, (lo, hi) in enumerate(regions)
                if not (records[r] or {}).get("done") and hi > lo]
     return records, pending
-
-
-def finalize(group: zarr.Group, residual_limit: float) -> str:
-    """Mark the store ``complete`` (or ``failed``) once every region is done; idempotent.
-
-    Returns the status, or raises :class:`RunFailure` listing unfinished regions. The attention
-    residuals are read back from the store (they were written by every process), not taken from
-    any one process's memory.
-    """
-    records, pending = region_status(group)
-    if pending:
-        regions = ready_info(group)["regions"]
-        listed = ", ".join(f"{r} (prompts {regions[r][0]}-{regions[r][1] - 1})" for r in pending[:8])
-        raise RunFailure(f"{len(pending)} region(s) not finished: {listed}; run those processes "
-                         "(with --resume) first")
-    done = [r for r in records if r]
-    overflow, nonfinite = _summed(done, "overflow"), _summed(done, "nonfinite")
-    summary = _write_stats(group, done)
-    failures = []
-    for name, arr in group.arrays():
-        if not name.endswith("attn_residual"):
-            continue
-        values = np.asarray(arr[:], dtype=np.float64)
-        worst = float(values.max()) if values.size else 0.0
-        matrix = group[name.replace("attn_residual", "attn_matrix")]
-        matrix.attrs.update({"residual_max": worst, "residual_mean": float(values.mean()) if values.size else 0.0,
-                             "residual_limit": residual_limit})
-        if worst > residual_limit:
-            failures.append(f"{matrix.basename}: ||M V - o|| / ||o|| = {worst:.2e}")
-    common: dict[str, Any] = dict(
-        finished=now_iso(), overflow=overflow, nonfinite=nonfinite,
-        seconds=round(max((r.get("seconds", 0.0) for r in done), default=0.0), 3),
-        oom_retries=sum(r.get("oom_retries", 0) for r in done),
-        peak_rss_bytes=max((r.get("peak_rss", 0) for r in done), default=0),
-        padding=round(float(np.mean([r.get("padding", 0.0) for r in done])) if done else 0.0, 4),
-        stats=summary,
-    )
-    if failures:
-        message = (f"the effective attention does not reproduce the layer output (limit "
-                   f"{residual_limit:g}): {'; '.join(failures)}")
-        set_status(group, FAILED, failure=message, **common)
-        return FAILED
-    set_status(group, COMPLETE, **common)
-    return COMPLETE
-
-
-def _write_stats(group: zarr.Group, records: list[dict]) -> dict[str, dict]:
-    """Merge the regions' statistics into each array's attribute ``stats``; returns the
-    all-heads summary per array for the provenance. An array some region with rows has no
-    statistics for (a record from before statistics, resumed) gets none."""
-    with_rows = [r for r in records if (r.get("rows") or [0, 0])[1] > (r.get("rows") or [0, 0])[0]]
-    states = [r.get("stats") or {} for r in with_rows]
-    names = set.intersection(*(set(s) for s in states)) if states else set()
-    total = merged({name: state[name] for name in names} for state in states)
-    summary = {}
-    for name, stats in sorted(total.items()):
-        if name in group:
-            group[name].attrs.update({"stats": stats.result()})
-            summary[name] = stats.summary()
-    return summary
-
-
-def _summed(records: list[dict], key: str) -> dict[str, int]:
-    """Per-array counts (``overflow``, ``nonfinite``) summed over the regions' records."""
-    total: dict[str, int] = {}
-    for record in records:
-        for name, count in (record.get(key) or {}).items():
-            total[name] = total.get(name, 0) + count
-    return total

@@ -9,11 +9,15 @@ credentials come from the environment, read by botocore as usual (``AWS_ENDPOINT
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import functools
 import importlib.util
 import os
 import re
 import shutil
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -51,8 +55,13 @@ class Location:
         if self.is_local:
             return zarr.storage.LocalStore(self.path, read_only=read_only)
         # from_url makes its own asynchronous filesystem (zarr drives it from its event loop).
-        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
-                                                 read_only=read_only)
+        store = zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
+                                                  read_only=read_only)
+        # s3fs closes the HTTP session of a synchronous filesystem when it is collected, not of an
+        # asynchronous one: without this, every store opened leaves an aiohttp session open and
+        # Python reports "Unclosed client session" at exit.
+        weakref.finalize(store, _close_session, store.fs)
+        return store
 
     def exists(self) -> bool:
         """Anything at all under it (an empty local directory or an empty prefix is nothing)."""
@@ -66,6 +75,13 @@ class Location:
                 return bool(fs.ls(key))
             except FileNotFoundError:
                 return False
+
+    def has_group(self) -> bool:
+        """Whether a Zarr group is here (a run was at least started here)."""
+        if self.is_local:
+            return (self.path / "zarr.json").exists()
+        with self._explained():
+            return self.fs.exists(f"{self._fs_path}/zarr.json")
 
     def is_file(self) -> bool:
         """Local: something that is not a directory; remote: an object exactly at the prefix."""
@@ -123,8 +139,18 @@ class Location:
         probe = f"{self._fs_path}/{_PROBE_NAME}{uuid.uuid4().hex}"
         with self._explained():
             fs = fsspec.filesystem(self._protocol, **options)
-            fs.pipe_file(probe, b"gdn-dump can write here\n")
-            fs.rm_file(probe)
+            try:
+                fs.pipe_file(probe, b"gdn-dump can write here\n")
+                fs.rm_file(probe)
+            finally:
+                _close_session(fs)
+
+    def sync(self) -> None:
+        """Make what was written here durable before a progress record claims it: the file system
+        that holds a local store (:func:`sync_filesystem`); nothing for object storage, where a
+        written object is already durable."""
+        if self.is_local:
+            sync_filesystem(_existing(self.path))
 
     def free_bytes(self) -> int | None:
         """Free space where the store goes, or None where that is unknown (remote)."""
@@ -146,6 +172,7 @@ class Location:
             import fsspec
 
             self._fs = fsspec.filesystem(self._protocol, **self.storage_options)
+            weakref.finalize(self, _close_session, self._fs)
         return self._fs
 
     def _endpoint(self) -> str:
@@ -200,6 +227,65 @@ def locate(out: str | Path, storage_options: dict | None = None) -> Location:
     except (ImportError, ValueError) as exc:
         raise StoreError(f"--out {out}: {protocol}:// is not supported here ({exc})") from exc
     return Location(out, None, storage_options)
+
+
+def _close_session(fs) -> None:
+    """Close the HTTP client of an s3fs filesystem on the event loop it was made on: zarr's for
+    the asynchronous filesystems of zarr stores, fsspec's for the synchronous ones. s3fs does not
+    close the former at all, and closes the latter with a 0.1 s timeout and a fallback that reaches
+    into aiobotocore privates 3.x no longer has: on a busy machine the session stays open and
+    Python reports "Unclosed client session". Where the loop is gone (exit), nothing is left to do."""
+    creator = getattr(fs, "_s3creator", None)  # set once the filesystem made its first request
+    if creator is None or not type(fs).__module__.startswith("s3fs"):
+        return
+    try:  # collected by the garbage collector on a loop's own thread: close it there, later
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    try:
+        if running is not None:
+            task = running.create_task(creator.__aexit__(None, None, None))
+            _CLOSING.add(task)  # the loop keeps only a weak reference to its tasks
+            task.add_done_callback(_CLOSING.discard)
+        elif fs.asynchronous:
+            from zarr.core.sync import sync
+
+            sync(creator.__aexit__(None, None, None), timeout=10)
+        else:
+            import fsspec.asyn
+
+            fsspec.asyn.sync(fs.loop, creator.__aexit__, None, None, None, timeout=10)
+    except Exception:  # no loop any more (the interpreter exiting): let the process end
+        pass
+
+
+_CLOSING: set = set()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush the file system holding ``path`` (Linux ``syncfs``): the chunk files are written
+    without an fsync each (the fsyncs tripled the write cost), and a whole-system ``sync`` would
+    flush every file system of a shared node. Where the C library has no ``syncfs`` (not Linux),
+    the whole system is synced."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc_syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
 
 
 def _existing(path: Path) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ..catalogue import GDN_HOOKS, Catalogue
+from ..catalogue import GDN_HOOKS, Catalogue, matrix_name, residual_name
+from ..dtypes import MATRIX_DTYPE, RESIDUAL_DTYPE, hook_dtype
 from .ledger import ready_info, region_status
 from .create import ATTR, COMPLETE, open_group
 
@@ -54,14 +55,6 @@ def verify_store(path: str | Path | zarr.Group, allow_nonfinite: bool = False) -
             ok, detail = False, f"could not check: {type(exc).__name__}: {exc}"
         checks.append(Check(name, ok, detail))
     return checks
-
-
-def render(checks: list[Check]):
-    from rich.table import Table
-    table = Table("check", "ok", "detail")
-    for c in checks:
-        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
-    return table
 
 
 def _result(problems: list[str], good: str):
@@ -102,7 +95,7 @@ def _expect(ctx) -> dict:
         specs = {}
 
     def matrix(heads):
-        return "matrix", (n_prompts, heads, l_max, l_max), "float32", ("prompt", None, "query", "key")
+        return "matrix", (n_prompts, heads, l_max, l_max), MATRIX_DTYPE, ("prompt", None, "query", "key")
 
     out = {"tokens": ("token", (n_rows,), "int32", ("token",)),
            "prompt_start": ("index", (n_prompts,), "int64", ("prompt",)),
@@ -115,17 +108,17 @@ def _expect(ctx) -> dict:
             continue
         scalar = spec.scalar if spec else name.rpartition(".")[2] in SCALAR_SUFFIXES
         out[name] = ("token", (n_rows, *spec.shape) if spec else (n_rows, ...),
-                     "float32" if scalar else meta.get("storage_dtype"),
+                     hook_dtype(scalar, meta.get("storage_dtype")),
                      ("token", *spec.dims) if spec else ("token", ...))
     attention, layer_types = meta.get("attention") or {}, config.get("layer_types") or []
     for layer in attention.get("layers") or []:
-        name = f"blocks.{layer}.attn_matrix"
+        name = matrix_name(layer)
         attrs = ctx.arrays[name].attrs if name in ctx.arrays else {}
         out[name] = matrix(len(attrs["heads"]) if attrs.get("heads") else None)
         gdn = (layer_types[layer] == "linear_attention" if layer < len(layer_types)
                else attrs.get("layer_type") == "gdn")
         if gdn and attention.get("mode") == "exact":
-            out[f"blocks.{layer}.attn_residual"] = ("prompt", (n_prompts,), "float64", ("prompt",))
+            out[residual_name(layer)] = ("prompt", (n_prompts,), RESIDUAL_DTYPE, ("prompt",))
     return out
 
 

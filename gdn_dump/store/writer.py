@@ -225,17 +225,19 @@ def _open_for_writing(group: zarr.Group, names: list[str], engine: str) -> dict:
     The arrays are always created by zarr-python (metadata, attributes, dimension names); only the
     chunk writes go through the engine, so both give byte-identical stores.
     """
-    if engine == "zarr" or not isinstance(group.store, zarr.storage.LocalStore):
-        return {name: group[name] for name in names}  # TensorStore here writes local files only
+    if engine == "zarr":
+        return {name: group[name] for name in names}
     if engine != "tensorstore":
         raise StoreError(f"--writer must be one of {', '.join(WRITERS)}, not {engine!r}")
+    if not isinstance(group.store, zarr.storage.LocalStore):  # resolve() picks zarr for these
+        raise StoreError("--writer tensorstore writes local stores only; use --writer zarr")
     try:
         import tensorstore as ts
     except ImportError:
         raise StoreError("--writer tensorstore needs TensorStore: pip install tensorstore") from None
     root = Path(group.store.root) / group.path
     # No fsync per chunk file (TensorStore's default): durability is asked for where it matters, at
-    # progress checkpoints (see pipeline), not per chunk; the fsyncs tripled the write cost.
+    # progress checkpoints (Location.sync), not per chunk; the fsyncs tripled the write cost.
     context = ts.Context({"file_io_sync": False})
     return {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)},
                            "open": True, "store_data_equal_to_fill_value": True},

@@ -15,7 +15,9 @@ import torch
 
 from gdn_dump.errors import GdnDumpError, RunFailure
 from gdn_dump.model.load import load_config, load_model, load_tokenizer
-from gdn_dump.model.tiny import build_tiny_model, save_tiny_checkpoint
+from gdn_dump.model.tiny import build_tiny_model
+
+from ..helpers import save_tiny_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -21,8 +21,8 @@ from gdn_dump.ops.stats import (
     ArrayStats,
     _bin,
     histogram_median,
-    naive,
 )
+from gdn_dump.ops.stats_reference import reference_stats as naive
 
 from ..disk import fill_disk_at
 

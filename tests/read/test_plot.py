@@ -269,3 +269,28 @@ def test_attn_labels_fall_back_to_token_ids(gapped, tmp_path):
     assert _png_size(png) == (500, 500)
     skipped = _plot(gapped, "--kind", "attn", "--prompt", "2", "--out", png)
     assert skipped.exit_code == 2 and "--prompt 2 has no stored tokens" in skipped.stderr
+
+
+def test_plotting_leaves_matplotlib_state_alone(store, tmp_path):
+    """A notebook's backend and its open figures stay as they were: figures are drawn with
+    matplotlib's object API, never through pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from gdn_dump.read.plots import attention_heatmaps, plot_store
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # what the user chose
+    mine = plt.figure()
+    try:
+        figures_before = plt.get_fignums()
+        for kind in ("decay", "beta", "attn", "norms"):
+            plot_store(store, kind, tmp_path / f"{kind}.png")
+        plot_store(store, "decay", tmp_path / "d.png", layer=1)
+        written = attention_heatmaps(zarr.open_group(str(store), mode="r"), tmp_path / "heat", max_prompts=1)
+        assert written and all(_png_size(p) == (600, 600) for p in written)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == figures_before and plt.fignum_exists(mine.number)
+    finally:
+        plt.close(mine)
+        matplotlib.use(before)

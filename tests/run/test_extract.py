@@ -11,12 +11,11 @@ import zarr
 
 from gdn_dump.catalogue import DEFAULT_HOOKS, GDN_HOOKS
 from gdn_dump.errors import GdnDumpError, StoreError
-from gdn_dump.model.tiny import save_tiny_checkpoint
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
 
-from ..helpers import reference_cache
+from ..helpers import save_tiny_checkpoint, reference_cache
 
 
 def _run(tiny, prompts, out, **kw):
@@ -148,7 +147,7 @@ def test_max_length_truncates_and_counts(tiny, ragged_txt, tmp_path):
 
 def test_chunks_are_a_few_megabytes_or_as_asked(tiny, ragged_txt, tmp_path):
     result = _run(tiny, ragged_txt, tmp_path / "a.zarr", hooks="v", dry_run=True)
-    spec = result.plan.array("blocks.0.linear_attn.hook_v")
+    spec = next(a for a in result.plan.arrays if a.name == "blocks.0.linear_attn.hook_v")
     assert spec.chunk_tokens & (spec.chunk_tokens - 1) == 0  # a power of two
     result = _run(tiny, ragged_txt, tmp_path / "b.zarr", hooks="v", chunk_tokens=32)
     group = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
@@ -260,7 +259,7 @@ def test_a_batch_that_ran_out_of_memory_is_freed_before_the_retry(tiny, ragged_t
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_txt, tmp_path, monkeypatch):
     from gdn_dump.run.capture import Capture
-    from gdn_dump.run.pipeline import Reporter
+    from gdn_dump.run.result import Reporter
 
     _run(tiny, ragged_txt, tmp_path / "ref.zarr", hooks="v,beta", attn_layers="1", batch_size=6)
     real_run = Capture.run

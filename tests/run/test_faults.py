@@ -106,12 +106,13 @@ def test_disk_full_mid_run_is_one_line_and_resumes_to_the_clean_store(tiny, clea
 @pytest.mark.parametrize("where", ["write_record", "sync"])
 def test_disk_full_at_a_checkpoint_is_one_line_and_resumes(tiny, clean, tmp_path, monkeypatch,
                                                            engine, where):
-    import gdn_dump.run.pipeline as pipeline
+    import gdn_dump.run.session as session
+    import gdn_dump.store.location as location
 
     prompts, reference = clean
     out = tmp_path / "s.zarr"
     calls = []
-    real = pipeline.write_record if where == "write_record" else os.sync
+    real = session.write_record if where == "write_record" else location.sync_filesystem
 
     def full(*args, **kwargs):
         calls.append(args)
@@ -120,9 +121,9 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_resumes(tiny, clean, tmp_path
         return real(*args, **kwargs)
 
     if where == "write_record":
-        monkeypatch.setattr(pipeline, "write_record", full)
+        monkeypatch.setattr(session, "write_record", full)
     else:
-        monkeypatch.setattr(os, "sync", full)
+        monkeypatch.setattr(location, "sync_filesystem", full)
     with pytest.raises(RunFailure) as failed:
         _extract(tiny, prompts, out, writer=engine)
     message = str(failed.value)
@@ -136,17 +137,17 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_resumes(tiny, clean, tmp_path
 
 
 def test_disk_full_at_the_last_record_is_one_line(tiny, clean, tmp_path, monkeypatch):
-    import gdn_dump.run.pipeline as pipeline
+    import gdn_dump.run.session as session
 
     prompts, reference = clean
-    real = pipeline.write_record
+    real = session.write_record
 
     def full_at_done(group, region, record):
         if record.get("done"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(group, region, record)
 
-    monkeypatch.setattr(pipeline, "write_record", full_at_done)
+    monkeypatch.setattr(session, "write_record", full_at_done)
     out = tmp_path / "s.zarr"
     with pytest.raises(RunFailure, match="^recording progress failed: No space left on device"):
         _extract(tiny, prompts, out)
@@ -154,7 +155,7 @@ def test_disk_full_at_the_last_record_is_one_line(tiny, clean, tmp_path, monkeyp
 
 
 def test_writer_failures_reports_a_write_made_outside_it(tmp_path):
-    # What pipeline._run needs around its last record (made on the main thread, not the writer's).
+    # What run_region needs around its last record (made on the main thread, not the writer's).
     from gdn_dump.store.writer import RowWriter
 
     group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)

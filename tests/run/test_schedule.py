@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import numpy as np
 import zarr
 from hypothesis import given, settings
@@ -9,9 +11,29 @@ from hypothesis import strategies as st
 
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
-from gdn_dump.run.schedule import batches, padding_fraction
+from gdn_dump.run.schedule import Item, units
 
 lengths_strategy = st.lists(st.integers(0, 40), min_size=1, max_size=60)
+
+
+# The batches of schedule.units one after another, and their padding: what these tests look at.
+def batches(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
+            window_tokens: int | None = None, boundary_every: int | None = None
+            ) -> Iterator[list[Item]]:
+    """The batches of :func:`units`, one after another."""
+    for unit in units(items, batch_size, max_batch_tokens, window_tokens, boundary_every):
+        yield from unit
+
+
+def padding_fraction(batch_list: Iterable[list[Item]]) -> float:
+    """Share of padded positions in ``batch_list`` (what sorting saves)."""
+    real = padded = 0
+    for batch in batch_list:
+        lengths = [len(t) for _, t in batch]
+        real += sum(lengths)
+        padded += max(lengths) * len(lengths)
+    return 1 - real / padded if padded else 0.0
+
 
 
 def _items(lengths):

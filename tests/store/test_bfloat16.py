@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -48,20 +50,20 @@ def test_register_is_idempotent_and_supported():
 
 
 def test_storage_dtype_mapping():
-    assert bf.storage_dtype("float32") == np.dtype("float32")
-    assert bf.storage_dtype("float16") == np.dtype("float16")
-    assert bf.storage_dtype("bfloat16") == bf.BFloat16()
-    assert bf.storage_dtype("bfloat16").to_native_dtype() == BF16
+    assert bf.zarr_dtype("float32") == np.dtype("float32")
+    assert bf.zarr_dtype("float16") == np.dtype("float16")
+    assert bf.zarr_dtype("bfloat16") == bf.BFloat16()
+    assert bf.zarr_dtype("bfloat16").to_native_dtype() == BF16
     with pytest.raises(GdnDumpError):
-        bf.storage_dtype("int8")
+        bf.zarr_dtype("int8")
 
 
 def test_unsupported_zarr_gives_clear_error(monkeypatch):
     monkeypatch.setattr(bf, "BFloat16", None)
     assert not bf.is_bfloat16_supported()
     with pytest.raises(GdnDumpError, match=r"zarr >= 3\.1.*float16 or float32"):
-        bf.storage_dtype("bfloat16")
-    assert bf.storage_dtype("float16") == np.dtype("float16")
+        bf.zarr_dtype("bfloat16")
+    assert bf.zarr_dtype("float16") == np.dtype("float16")
 
 
 @pytest.mark.parametrize("dtype", [bf.BFloat16(), BF16, ml_dtypes.bfloat16, "bfloat16"])
@@ -101,7 +103,7 @@ def test_sharded_zstd_round_trip(tmp_path):
         shape=data.shape,
         chunks=(4, 4),
         shards=(8, 12),
-        dtype=bf.storage_dtype("bfloat16"),
+        dtype=bf.zarr_dtype("bfloat16"),
         compressors=zarr.codecs.ZstdCodec(level=3),
     )
     arr[:] = data
@@ -222,7 +224,72 @@ def test_torch_other_storage_dtypes():
 
 def test_torch_to_zarr_end_to_end(tmp_path):
     t = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    arr = zarr.create_array(tmp_path / "e", shape=(4, 8), chunks=(2, 8), dtype=bf.storage_dtype("bfloat16"))
+    arr = zarr.create_array(tmp_path / "e", shape=(4, 8), chunks=(2, 8), dtype=bf.zarr_dtype("bfloat16"))
     arr[:] = to_storage_numpy(t, "bfloat16")
     back = zarr.open_array(tmp_path / "e", mode="r")[:]
     np.testing.assert_array_equal(_bits(back), t.view(torch.int16).numpy().view(np.uint16))
+
+
+# ---- how zarr finds the data type: entry points, not an import-time side effect ----------------
+
+def test_importing_gdn_dump_registers_nothing():
+    code = ("import gdn_dump, gdn_dump.store.bfloat16, gdn_dump.read.reader\n"
+            "from zarr.core.dtype import data_type_registry\n"
+            "assert 'bfloat16' not in data_type_registry.contents, data_type_registry.contents['bfloat16']\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_entry_points_name_the_data_type_and_zarrs_own_buffer():
+    from importlib.metadata import entry_points
+
+    from zarr.core.buffer.cpu import Buffer
+
+    (dtype,) = [e for e in entry_points(group="zarr.data_type") if e.value.startswith("gdn_dump.")]
+    assert dtype.value == "gdn_dump.store.bfloat16:ZARR_BFLOAT16"
+    assert dtype.load() is bf.BFloat16 and dtype.load()._zarr_v3_name == "bfloat16"
+    (buffer,) = [e for e in entry_points(group="zarr.buffer") if e.value.startswith("gdn_dump.")]
+    assert buffer.load() is Buffer  # zarr registers it again under the name it has: no change
+    from zarr.core.dtype import data_type_registry
+
+    assert data_type_registry.contents["bfloat16"] is bf.BFloat16  # loading it registered bfloat16
+
+
+def test_zarr_opens_bfloat16_groups_in_a_process_that_never_imports_gdn_dump(tmp_path):
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    data = _special_values((6, 3), seed=4)
+    group.create_array("x", shape=data.shape, chunks=(4, 3), dtype=bf.zarr_dtype("bfloat16"))[:] = data
+    code = ("import sys, numpy as np, zarr\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'gdn_dump']\n"
+            "x = zarr.open_group(sys.argv[1], mode='r')['x']\n"
+            "assert x.dtype.name == 'bfloat16', x.dtype\n"
+            "np.save(sys.argv[2], x[:].view(np.uint16))\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.zarr"), str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), _bits(data))
+
+
+class _ZarrsOwn(bf.BFloat16):
+    """Stands in for a bfloat16 data type that zarr itself (or another package) registers."""
+
+
+def test_a_bfloat16_zarr_already_has_is_kept_and_reads_either_way(tmp_path, monkeypatch):
+    from zarr.core.dtype import data_type_registry
+
+    data = _special_values((5, 4), seed=5)
+    monkeypatch.setitem(data_type_registry.contents, "bfloat16", _ZarrsOwn)
+    assert bf.ZARR_BFLOAT16 is _ZarrsOwn  # what the entry point then hands zarr: no conflict
+    bf.register_bfloat16()
+    assert data_type_registry.contents["bfloat16"] is _ZarrsOwn  # never replaced
+    ours = zarr.create_array(tmp_path / "ours", shape=data.shape, dtype=bf.zarr_dtype("bfloat16"))
+    ours[:] = data
+    theirs = zarr.create_array(tmp_path / "theirs", shape=data.shape, dtype=_ZarrsOwn())
+    theirs[:] = data
+    assert _meta(tmp_path / "ours")["data_type"] == _meta(tmp_path / "theirs")["data_type"] == "bfloat16"
+    for registered in (_ZarrsOwn, bf.BFloat16):  # read by zarr's own, then by gdn-dump's
+        monkeypatch.setitem(data_type_registry.contents, "bfloat16", registered)
+        for name in ("ours", "theirs"):
+            back = zarr.open_array(tmp_path / name, mode="r")
+            assert type(back.metadata.data_type) is registered
+            np.testing.assert_array_equal(_bits(back[:]), _bits(data))

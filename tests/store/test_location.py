@@ -238,3 +238,57 @@ def test_s3_sees_writes_from_outside(s3_url, s3_server):
     client.delete_object(Bucket=bucket, Key=f"{prefix}/a/zarr.json")
     client.delete_object(Bucket=bucket, Key=f"{prefix}/a/c/0")
     assert list(group.array_keys()) == ["b"] and len(loc.fs.ls(s3_url)) == 2
+
+
+# ---- durability: sync the store's file system, never every file system of the node -------------
+
+def test_sync_flushes_the_file_system_of_the_store_only(tmp_path, monkeypatch):
+    """syncfs(2) on the store's directory; os.sync() would flush every file system of a shared
+    node (other users' scratch, NFS mounts) before each progress record."""
+    import gdn_dump.store.location as location
+
+    def whole_node():
+        raise AssertionError("os.sync() flushes every file system of the node")
+
+    monkeypatch.setattr(os, "sync", whole_node)
+    assert location._libc_syncfs() is not None  # Linux: the C library has syncfs
+    location.locate(tmp_path / "s.zarr").sync()  # the real syncfs, on the nearest existing directory
+
+
+def test_an_extract_run_syncs_only_its_store(tiny, ragged_txt, tmp_path, monkeypatch):
+    import gdn_dump.store.location as location
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
+
+    synced = []
+
+    def syncfs(fd):
+        synced.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return 0
+
+    def whole_node():
+        raise AssertionError("os.sync() flushes every file system of the node")
+
+    monkeypatch.setattr(os, "sync", whole_node)
+    monkeypatch.setattr(location, "_libc_syncfs", lambda: syncfs)
+    out = tmp_path / "s.zarr"
+    extract(ExtractOptions(model="tiny", prompts=str(ragged_txt), out=str(out), hooks="beta",
+                           batch_size=2, sort_window_bytes=0, checkpoint_every=0), model=tiny)
+    assert len(synced) >= 3  # a record at every unit end, each made durable first
+    assert set(synced) == {os.path.realpath(out)}
+
+
+def test_sync_failure_is_an_os_error(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+
+    import gdn_dump.store.location as location
+
+    def failing(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(location, "_libc_syncfs", lambda: failing)
+    with pytest.raises(OSError) as raised:
+        location.locate(tmp_path).sync()
+    assert raised.value.errno == errno.EIO

@@ -77,3 +77,26 @@ def test_killed_s3_run_resumes_to_the_same_store(ragged_txt, s3_url, tmp_path):
     from gdn_dump.store.verify import verify_store
 
     assert all(check.ok for check in verify_store(s3_url)), verify_store(s3_url)
+
+
+def test_s3_sessions_are_closed_when_the_store_is_done(s3_url):
+    """Every s3 filesystem gdn-dump opens closes its aiohttp session: no "Unclosed client
+    session" at exit (s3fs closes the sessions of its synchronous filesystems itself, not of the
+    asynchronous ones zarr's FsspecStore uses)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import zarr
+import gdn_dump
+from gdn_dump.store.location import locate
+group = zarr.open_group(store=locate({s3_url!r}).zarr_store(), mode="w", zarr_format=3,
+                        attributes={{"gdn_dump": {{"status": "complete"}}}})
+group.create_array("a", shape=(4,), dtype="int32")[:] = 1
+from gdn_dump.store.create import open_group
+assert open_group({s3_url!r})["a"][:].sum() == 4
+locate({s3_url!r}).check_writable()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr

@@ -14,7 +14,8 @@ from gdn_dump.store import verify
 from gdn_dump.errors import StoreError
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
-from gdn_dump.store.verify import Check, render, verify_store
+from gdn_dump.cli.render import verify_table
+from gdn_dump.store.verify import Check, verify_store
 
 from ..helpers import RAGGED_PROMPTS
 
@@ -232,7 +233,7 @@ def test_any_zarr_store_through_its_listing(stores):
 
 
 def test_render_and_not_a_store(stores, tmp_path):
-    table = render(verify_store(stores["plain"]))
+    table = verify_table(verify_store(stores["plain"]))
     assert [c.header for c in table.columns] == ["check", "ok", "detail"] and table.row_count == 7
     with pytest.raises(StoreError):
         verify_store(tmp_path / "nothing.zarr")

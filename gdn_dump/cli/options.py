@@ -1,0 +1,389 @@
+"""How the command line is parsed: every option declared once, the value types, and the classes
+that parse, show help and fail the same way for every command.
+
+Each option is an ``Annotated`` alias used by every command that takes it (``model: Model``); a
+command puts its own default in its signature where commands differ (``batch_size: BatchSize = 8``).
+Choices come from the list the library defines (dtypes, kernels, compressors, ...), never retyped;
+they are checked while parsing and worded as the library words them (``--dtype must be one of
+float32, float16, bfloat16, not 'float8'``). No torch here: the lists live in torch-free modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import tomllib
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Optional, Sequence
+
+import typer
+import typer.core
+
+from ..catalogue import DEFAULT_HOOKS, MATRIX_METHODS, MATRIX_MODES
+from ..dtypes import MODEL_DTYPES, PRECISIONS, STORAGE_DTYPES
+from ..errors import GdnDumpError, Terminated
+from ..model.kernels import KERNEL_CHOICES
+from ..read.figures import KINDS
+from ..run.prompts import ENCODING_ERRORS
+from ..run.tokens import ON_LONG
+from ..store.create import COMPRESSORS
+from ..store.writer import WRITERS
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on click
+    from click import exceptions as click_errors
+
+DEBUG = "gdn_dump.debug"  # ctx.meta key: --debug was given (tracebacks instead of one line)
+RUN = "gdn_dump.run"  # ctx.meta key: the reporter of the run under way (what Ctrl-C reports)
+
+
+# --- value types (checked while parsing, so errors come before anything runs) ---------------------
+
+class OptionValueError(click_errors.BadParameter):
+    """A value an option does not take. The message names the option where it says ``{option}``
+    (click attaches the option after the parser raised), so it reads like the library's own."""
+
+    def format_message(self) -> str:
+        param = self.param
+        name = (param.opts[0] if getattr(param, "opts", None) else None) or "the value"
+        return self.message.replace("{option}", name)
+
+
+class Choice:
+    """One of ``choices`` (the library's list), exactly as spelled there."""
+
+    def __init__(self, choices: Sequence[str],
+                 message: str = "{option} must be one of {choices}, not {value!r}"):
+        self.choices = tuple(choices)
+        self.message = message
+
+    def __call__(self, value: Any) -> str:
+        if isinstance(value, str) and value in self.choices:
+            return value
+        text = self.message.replace("{choices}", ", ".join(self.choices))
+        raise OptionValueError(text.replace("{value!r}", repr(value)))
+
+    @property
+    def metavar(self) -> str:
+        return "|".join(self.choices)
+
+
+SIZE_UNITS = {"": 1, "b": 1,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+              "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+SIZE_HELP = ("SIZE is bytes, or a number and a unit: KiB, MiB, GiB, TiB and K, M, G, T are powers "
+             "of 1024; kB, MB, GB, TB powers of 1000 (any case; e.g. 16GiB, 1.5GiB, 512MiB, 1GB, "
+             "1000000, 0).")
+_SIZE = re.compile(r"([+-]?)(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?([a-z]*)", re.IGNORECASE)
+_NOT_FINITE = re.compile(r"[+-]?(nan|inf|infinity)[a-z]*", re.IGNORECASE)
+
+
+def parse_size(value: Any, option: str = "the size") -> int:
+    """``16GiB``, ``512MiB``, ``1GB``, ``1.5GiB``, ``16 GiB``, ``16gib``, ``1e9``, ``1000000``, ``0``
+    -> bytes (see :data:`SIZE_HELP`). Raises :class:`ValueError`, one line naming ``option``, for
+    a negative, non-finite or fractional number of bytes, an unknown unit or anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"{option}: cannot read the size {value!r}; use e.g. 16GiB, 512MiB, 1GB or 1000000")
+    if isinstance(value, (int, float)):  # from a --config file
+        if not math.isfinite(value):
+            raise ValueError(f"{option} must be a finite size, not {value!r}")
+        text, number, unit = str(value), Fraction(value), 1
+    else:
+        text = str(value)
+        raw = "".join(text.split())
+        if _NOT_FINITE.fullmatch(raw):
+            raise ValueError(f"{option} must be a finite size, not {text!r}")
+        match = _SIZE.fullmatch(raw)
+        if match is None:
+            raise ValueError(f"{option}: cannot read the size {text!r}; use e.g. 16GiB, 512MiB, "
+                             "1GB or 1000000")
+        sign, digits, exponent, suffix = match.groups()
+        if suffix.lower() not in SIZE_UNITS:
+            raise ValueError(f"{option}: unknown unit {suffix!r} in {text!r}; use B, kB, MB, GB, TB "
+                             "(powers of 1000), KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024)")
+        if abs(int(exponent or 0)) > 30 or len(digits) > 30:
+            raise ValueError(f"{option} {text!r} is out of range")
+        number = Fraction(digits) * Fraction(10) ** int(exponent or 0) * (-1 if sign == "-" else 1)
+        unit = SIZE_UNITS[suffix.lower()]
+    size = number * unit
+    if size < 0:
+        raise ValueError(f"{option} must not be negative, not {text!r}")
+    if size.denominator != 1:
+        raise ValueError(f"{option} {text!r} is not a whole number of bytes"
+                         + (f" ({float(size):g})" if unit != 1 else ""))
+    return int(size)
+
+
+def _size(value: Any) -> int:
+    try:
+        return parse_size(value, "{option}")  # named once click has attached the option
+    except ValueError as exc:
+        raise OptionValueError(str(exc)) from None
+
+
+# --- --config and --debug ---------------------------------------------------------------------------
+
+def _load_config(ctx, param, value: Optional[Path]):
+    """``--config FILE.toml``: its keys are option names; options given on the command line win."""
+    if value is None:
+        return value
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise GdnDumpError(f"--config {value}: cannot read it ({exc})") from exc
+    known = {p.name for p in ctx.command.params}
+    defaults = {}
+    for key, item in data.items():
+        name = key.replace("-", "_")
+        if name not in known or name == "config":
+            raise GdnDumpError(f"--config {value}: unknown key {key!r}; keys are option names")
+        defaults[name] = ",".join(map(str, item)) if isinstance(item, list) else item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _record_debug(ctx, param, value: bool) -> bool:
+    if value:
+        ctx.meta[DEBUG] = True
+    return value
+
+
+# --- the options --------------------------------------------------------------------------------------
+
+MODEL, PROMPTS, HOOKS, MATRICES, STORE, BATCHING, PROCESSES, CONTROL = (
+    "Model", "Prompts", "Hooks and layers", "Attention matrices", "Store", "Batching and speed",
+    "Many processes", "Run control")
+FIGURE, IMAGE = "Figure", "Image"
+
+
+def option(*names: str, panel: str, **kw) -> typer.models.OptionInfo:
+    return typer.Option(*names, rich_help_panel=panel, **kw)
+
+
+def choice(choices: Sequence[str], *names: str, panel: str, help: str, **kw):
+    """An option taking one of ``choices``: shown as ``a|b|c``, checked while parsing."""
+    parser = Choice(choices, **({"message": kw.pop("message")} if "message" in kw else {}))
+    return typer.Option(*names, parser=parser, metavar=parser.metavar, rich_help_panel=panel,
+                        help=help, **kw)
+
+
+def size(*names: str, panel: str, help: str):
+    return typer.Option(*names, parser=_size, metavar="SIZE", rich_help_panel=panel, help=help)
+
+
+# Model
+Model = Annotated[str, option("--model", "-m", metavar="MODEL", panel=MODEL,
+                              help="'tiny', a Hugging Face id or a local checkpoint directory.")]
+Revision = Annotated[Optional[str], option(metavar="REV", panel=MODEL,
+                                           help="Model revision: branch, tag or commit.")]
+Device = Annotated[str, option(metavar="DEVICE", panel=MODEL, help="auto, cpu or cuda[:N].")]
+ModelDtype = Annotated[Optional[str], choice(
+    ("auto", *MODEL_DTYPES), panel=MODEL, show_default="auto: bfloat16 on CUDA, float32 on CPU",
+    help="The dtype the model runs in.")]
+Kernels = Annotated[str, choice(KERNEL_CHOICES, panel=MODEL,
+                                help="GDN kernels: auto is fla on CUDA when installed, else torch.")]
+TrustRemoteCode = Annotated[bool, option(panel=MODEL,
+                                         help="Allow the checkpoint's own Python code to run.")]
+AllowPickleWeights = Annotated[bool, option(panel=MODEL,
+                                            help="Allow non-safetensors (pickle) weight files.")]
+
+# Prompts
+Prompts = Annotated[str, option("--prompts", "-p", metavar="FILE", panel=PROMPTS,
+                                help=".txt (a prompt per line), .jsonl, or - for stdin.")]
+TextField = Annotated[str, option(metavar="FIELD", panel=PROMPTS,
+                                  help="The .jsonl field that holds the prompt.")]
+MaxLength = Annotated[Optional[int], option(metavar="N", panel=PROMPTS,
+                                            help="Longest prompt in tokens; see --on-long.")]
+OnLong = Annotated[str, choice(ON_LONG, panel=PROMPTS, help=(
+    "A prompt over --max-length: truncate it, skip it (stored with no tokens) or error (before "
+    "anything is written); counted and recorded."))]
+EncodingErrors = Annotated[str, choice(ENCODING_ERRORS, panel=PROMPTS, help=(
+    "Invalid UTF-8 in the prompt file: strict stops, naming the line; replace reads U+FFFD "
+    "(lines counted and recorded)."))]
+
+# Hooks and layers
+Hooks = Annotated[Optional[str], option(
+    metavar="LIST", panel=HOOKS, show_default=",".join(DEFAULT_HOOKS), help=(
+        "Short GDN hook names, applied to every --layers layer (all: every GDN hook; default: "
+        "the default set), and/or full TransformerLens hook names; comma separated."))]
+Layers = Annotated[str, option(metavar="LIST", panel=HOOKS,
+                               help="GDN layers for the short names: all, or e.g. 0,1,4-6.")]
+
+# Attention matrices
+AttnLayers = Annotated[Optional[str], option(
+    metavar="LIST", panel=MATRICES,
+    help="Also store the attention matrix (blocks.<i>.attn_matrix) of these layers: all or a list.")]
+MatrixLayers = Annotated[str, option("--layer", "--layers", metavar="LIST", panel=MATRICES, help=(
+    "all, or e.g. 3 or 0,4-6: GDN layers give the effective attention, softmax layers their "
+    "hook_pattern."))]
+Heads = Annotated[Optional[str], option("--heads", metavar="LIST", panel=MATRICES, show_default="all",
+                                        help="Heads of each matrix layer: all or e.g. 0,2,5-7.")]
+Mode = Annotated[str, choice(MATRIX_MODES, "--mode", panel=MATRICES, help=(
+    "exact: the GDN output decomposition; heuristic: TransformerLens's formula."))]
+Method = Annotated[str, choice(MATRIX_METHODS, "--method", panel=MATRICES, help=(
+    "The exact GDN matrix: chunked (identity-value chunk kernel, O(L^2 d_k)) or closed_form "
+    "(triangular solve, O(L^3))."))]
+Precision = Annotated[str, choice(PRECISIONS, "--precision", panel=MATRICES,
+                                  help="Compute the GDN matrix in this (stored as float32).")]
+MaxBytes = Annotated[int, size("--max-bytes", panel=MATRICES, help=(
+    "Refuse a run whose attention matrices would need more (checked before the model loads)."))]
+Png = Annotated[Optional[Path], option(metavar="DIR", panel=MATRICES,
+                                       help="Write a heatmap per (prompt, layer, head) here.")]
+PngLog = Annotated[bool, option(panel=MATRICES, help="Log colour scale (of |M|) for the heatmaps.")]
+PngMaxPrompts = Annotated[int, option(metavar="N", panel=MATRICES,
+                                      help="Heatmaps for this many prompts (the first ones).")]
+
+# Store
+Out = Annotated[str, option("--out", "-o", metavar="STORE", panel=STORE,
+                            help="The Zarr store to write: a directory or s3://bucket/prefix.")]
+Dtype = Annotated[str, choice(STORAGE_DTYPES, panel=STORE, help=(
+    "Storage dtype of vector hooks (per-head scalars stay float32)."))]
+ChunkTokens = Annotated[Optional[int], option(metavar="N", panel=STORE, show_default="a few MB",
+                                              help="Token rows per chunk.")]
+ShardTokens = Annotated[Optional[int], option(metavar="N", panel=STORE, help=(
+    "Group chunks into shard files of about N token rows (zarr's sharding codec); whole shards "
+    "are written at once."))]
+Compressor = Annotated[str, choice(COMPRESSORS, panel=STORE, help="Chunk compression.")]
+Writer = Annotated[str, choice(WRITERS, panel=STORE, help=(
+    "Who writes the chunks: zarr-python or TensorStore's zarr3 driver; byte-identical stores."))]
+Stats = Annotated[bool, option("--stats/--no-stats", panel=STORE, help=(
+    "Per-head statistics of every stored array, computed while writing (on the GPU when there is "
+    "one; on the CPU about 0.6 GB/s of one core)."))]
+FailOnNonfinite = Annotated[bool, option(panel=STORE, help=(
+    "Stop at the first batch with NaN/inf in a stored hook (always counted per array)."))]
+Overwrite = Annotated[bool, option(panel=STORE, help=(
+    "Replace an existing gdn-dump store at --out (never anything else)."))]
+
+# Batching and speed
+BatchSize = Annotated[int, option(metavar="N", panel=BATCHING, help="Prompts per batch.")]
+MaxBatchTokens = Annotated[Optional[int], option(metavar="N", panel=BATCHING,
+                                                 help="Most padded tokens per batch.")]
+SortWindow = Annotated[int, size(panel=BATCHING, help=(
+    "Run prompts longest first within windows of this many bytes of rows (less padding; the "
+    "store keeps file order; bounds the reorder memory); 0: file order."))]
+
+# Many processes
+Shard = Annotated[Optional[str], option(metavar="I/N", panel=PROCESSES, help=(
+    "This process's share of the prompts, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; "
+    "under torchrun RANK/WORLD_SIZE are used without it."))]
+Resume = Annotated[bool, option(panel=PROCESSES, help=(
+    "Continue the run recorded in --out (killed, preempted), or start it if there is none; "
+    "refused if the settings differ."))]
+WaitTimeout = Annotated[float, option(metavar="SEC", panel=PROCESSES, help=(
+    "How long a process other than 0 waits for process 0 to create the store."))]
+CheckpointEvery = Annotated[float, option(metavar="SEC", panel=PROCESSES, help=(
+    "Time between progress records (what --resume starts from)."))]
+
+# Run control
+DryRun = Annotated[bool, option(panel=CONTROL, help=(
+    "Print the plan and exit: no weights loaded, nothing written."))]
+Force = Annotated[bool, option(panel=CONTROL,
+                               help="Run even if the estimate exceeds the free disk space.")]
+Quiet = Annotated[bool, option("--quiet", "-q", panel=CONTROL, help=(
+    "No progress bars (the libraries' too), no tables."))]
+Config = Annotated[Optional[Path], option(metavar="FILE", panel=CONTROL, callback=_load_config,
+                                          is_eager=True, help=(
+    "TOML file of option values (keys: option names); the command line wins."))]
+Debug = Annotated[bool, option("--debug", panel=CONTROL, callback=_record_debug, is_eager=True,
+                               help="Show the traceback of an error.")]
+
+# Reading commands: the store argument, plot's options
+StoreArg = Annotated[str, typer.Argument(metavar="STORE", show_default=False, help=(
+    "A store written by gdn-dump: a directory or s3://bucket/prefix."))]
+Kind = Annotated[str, choice(KINDS, "--kind", "-k", panel=FIGURE,
+                             message="{option} {value!r} is unknown: one of {choices}", help=(
+    "decay: half-life ln(0.5)/g in tokens; beta; attn: an attention matrix; norms: the norm "
+    "profile along the sequence."))]
+FigureOut = Annotated[Path, option("--out", "-o", metavar="FILE", panel=FIGURE,
+                                   help="The image to write (.png; its directory must exist).")]
+PlotLayer = Annotated[Optional[int], option("--layer", metavar="N", panel=FIGURE, help=(
+    "decay/beta: per-head distributions of this layer; attn: the layer (default: the first "
+    "with an attn_matrix); norms: a line per head of this layer."))]
+PlotHead = Annotated[Optional[int], option("--head", metavar="N", panel=FIGURE, help=(
+    "attn: the head (default 0); decay/beta: this head's distribution per layer (or in "
+    "--layer); norms: this head only."))]
+PlotPrompt = Annotated[Optional[int], option("--prompt", metavar="N", panel=FIGURE, help=(
+    "0-based prompt index: attn's prompt (default 0); the other kinds: only this prompt "
+    "(default: all)."))]
+PlotHook = Annotated[str, option("--hook", metavar="HOOK", panel=FIGURE, help=(
+    "norms: a short name (recurrence_out, v, q, ...) or a full array name."))]
+Width = Annotated[float, option(metavar="IN", panel=IMAGE, help="Figure width in inches.")]
+Height = Annotated[float, option(metavar="IN", panel=IMAGE, help="Figure height in inches.")]
+Dpi = Annotated[int, option(metavar="N", panel=IMAGE,
+                            help="Dots per inch: the image is width*dpi x height*dpi pixels.")]
+AllowNonfinite = Annotated[bool, option(panel=CONTROL, help="Report NaN/inf values without failing.")]
+
+NO_FLAGS_HELP = ("Each on/off option also takes its --no- form (e.g. --no-resume), which undoes a "
+                 "--config value.")
+
+
+# --- the command classes: help at 80 columns, one way to fail -------------------------------------
+
+class _Help:
+    """Help from :func:`gdn_dump.cli.render.help_text`: panels, short metavars, 80 columns."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from .render import help_text
+
+        formatter.write(help_text(self, ctx))
+
+
+class Command(_Help, typer.core.TyperCommand):
+    """A ``gdn-dump`` command."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        # --debug is recorded before anything else is parsed, so that an error raised while parsing
+        # (a --config file given before it) honours it too; its callback covers a config's debug.
+        if "--debug" in (args[:args.index("--")] if "--" in args else args):
+            ctx.meta[DEBUG] = True
+        return super().parse_args(ctx, args)
+
+
+class Group(_Help, typer.core.TyperGroup):
+    """The ``gdn-dump`` group: the one place an error becomes one line on stderr and an exit code.
+
+    :meth:`invoke` catches whatever a command (or the parsing of its options) raised; :meth:`main`
+    the group's own usage errors. Both work through ``CliRunner().invoke(app, ...)`` (the tests)
+    and through :func:`gdn_dump.cli.app.main` (the console script).
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, SystemExit, click_errors.NoArgsIsHelpError):
+            raise
+        except BaseException as exc:
+            from .render import report_error
+
+            if ctx.meta.get(DEBUG) and not isinstance(exc, (KeyboardInterrupt, Terminated)):
+                with contextlib.suppress(AttributeError):  # main() lets it through too
+                    exc.gdn_dump_reraised = True
+                raise
+            raise typer.Exit(report_error(exc, ctx.meta.get(RUN))) from None
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra) -> Any:
+        from .render import report_error
+
+        arguments = list(sys.argv[1:] if args is None else args)
+        try:
+            # always named gdn-dump (CliRunner would say "root", python -m "python -m gdn_dump")
+            code = super().main(arguments, "gdn-dump", complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            code = 0 if not arguments else 2
+        except click_errors.UsageError as exc:
+            if getattr(exc, "gdn_dump_reraised", False):
+                raise
+            code = report_error(exc, None)
+        except typer.Abort:  # Ctrl-C or end of input while click itself was reading input
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code

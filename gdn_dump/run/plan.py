@@ -1,0 +1,106 @@
+"""The plan of a run, made once from the options, the catalogue and the prompt lengths.
+
+Every process computes the same plan from the prompt file alone: the selection (hooks, matrices),
+every prompt's stored length (``--max-length``, ``--on-long``), the units of the run
+(:mod:`gdn_dump.run.schedule`) and, for several processes, the regions
+(:func:`gdn_dump.run.split.split_regions`), which depend only on those units. Then the store's
+layout (:func:`gdn_dump.store.layout.make_plan`) is laid out once, with the regions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..catalogue import Catalogue
+from ..errors import GdnDumpError
+from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, prompt_chunk
+from ..store.location import Location
+from .options import ExtractOptions
+from .prompts import PromptSource
+from .schedule import units
+from .split import split_regions
+from .tokens import describe, tokenized_blocks
+
+
+def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
+             processes: int = 1) -> Plan:
+    """Resolve the selection, tokenise every prompt once for its length, lay out the store with
+    ``processes`` regions (each starting on a chunk boundary), and check the matrix budget."""
+    option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
+    matrices = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
+                if opts.attn_layers else [])
+    hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices))
+    lengths, truncated, skipped = prompt_lengths(opts, tokenizer, source)
+    regions = None
+    if processes > 1:
+        window = window_tokens(opts, bytes_per_token(hooks, opts.dtype))
+        cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths))
+        starts = [min(p for batch in unit for p, _ in batch)
+                  for unit in plan_units(opts, lengths, window, cut_every)]
+        regions = split_regions(starts, lengths, processes, cut_every=cut_every)
+    plan = make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
+                     shard_tokens=opts.shard_tokens, max_length=opts.max_length,
+                     truncated=truncated, skipped=skipped, matrices=matrices,
+                     attn_mode=opts.attn_mode, regions=regions)
+    check_budget(plan, opts.max_attn_bytes)
+    return plan
+
+
+def prompt_lengths(opts: ExtractOptions, tokenizer, source: PromptSource
+                   ) -> tuple[np.ndarray, int, int]:
+    """Stored tokens of every prompt (after ``--max-length`` / ``--on-long``), and how many
+    were truncated and skipped; ``--on-long error`` fails here, before anything is written."""
+    lengths = np.empty(source.count, dtype=np.int64)
+    raw = np.empty(source.count, dtype=np.int64)
+    for start, token_lists, raw_lengths in tokenized_blocks(source, tokenizer, opts.max_length,
+                                                             opts.on_long):
+        lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
+        raw[start:start + len(token_lists)] = raw_lengths
+    long = raw > opts.max_length if opts.max_length is not None else np.zeros(len(raw), bool)
+    if opts.on_long == "error" and long.any():
+        first = int(np.argmax(long))
+        raise GdnDumpError(
+            f"{source.display}: prompt {describe(source, first)} has {int(raw[first])} tokens, over "
+            f"--max-length {opts.max_length} ({int(long.sum())} prompt(s) in all); pass --on-long "
+            "truncate or skip to go on"
+        )
+    if opts.on_long == "truncate":
+        return lengths, int(long.sum()), 0
+    return lengths, 0, int(long.sum())
+
+
+def plan_units(opts: ExtractOptions, lengths: np.ndarray, window: int | None,
+               cut_every: int | None, items=None):
+    """The units of the run (see :mod:`gdn_dump.run.schedule`); by default from lengths alone
+    (``range(n)`` stands in for a prompt's tokens: batching needs only lengths)."""
+    if items is None:
+        items = ((p, range(n)) for p, n in enumerate(lengths.tolist()))
+    return units(items, opts.batch_size, opts.max_batch_tokens, window, cut_every)
+
+
+def window_tokens(opts: ExtractOptions, row_bytes: int) -> int | None:
+    """Tokens per sorting window: ``--sort-window`` bytes of rows (None: no sorting)."""
+    if not opts.sort_window_bytes:
+        return None
+    return max(1, opts.sort_window_bytes // max(row_bytes, 1))
+
+
+def check_budget(plan: Plan, max_bytes: int) -> None:
+    """Refuse, before any model runs, a plan whose attention matrices exceed ``max_bytes``."""
+    if plan.matrix_bytes > max_bytes:
+        raise GdnDumpError(
+            f"the attention matrices need {format_bytes(plan.matrix_bytes)} ({plan.n_prompts} "
+            f"prompts, longest {int(plan.prompt_lengths.max())} tokens), over --max-bytes "
+            f"{format_bytes(max_bytes)}; select fewer layers, --heads, shorter --max-length, or "
+            "raise --max-bytes"
+        )
+
+
+def check_free_space(loc: Location, needed: int) -> None:
+    """Refuse a run that cannot fit on the target disk (``--force`` skips this check)."""
+    free = loc.free_bytes()
+    if free is not None and needed > free:
+        raise GdnDumpError(
+            f"the store needs about {format_bytes(needed)} but {loc} has {format_bytes(free)} "
+            "free; free space, write elsewhere, or pass --force"
+        )

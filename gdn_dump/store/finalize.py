@@ -1,0 +1,95 @@
+"""The end of a run: once every region is done, sum what the regions recorded and mark the store.
+
+Run by the last process to finish its region, or by ``gdn-dump finalize STORE`` (idempotent).
+Everything comes from the store itself (the ledger's records, the attention residuals), never
+from one process's memory, so any process can finalize.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..catalogue import is_residual, layer_of, matrix_name
+from ..errors import RunFailure
+from ..ops.stats import merged
+from .create import ATTR, COMPLETE, FAILED, set_status
+from .ledger import ready_info, region_status
+from .provenance import now_iso
+from .tally import Tally, summed
+
+# An exact GDN matrix must reproduce the layer's output: ||M V - o|| / ||o|| at most this.
+RESIDUAL_LIMIT = 1e-3
+
+
+def finalize(group: zarr.Group, residual_limit: float = RESIDUAL_LIMIT) -> str:
+    """Mark the store ``complete`` (or ``failed``) once every region is done; idempotent.
+
+    Returns the status, or raises :class:`RunFailure` listing unfinished regions.
+    """
+    records, pending = region_status(group)
+    if pending:
+        regions = ready_info(group)["regions"]
+        listed = ", ".join(f"{r} (prompts {regions[r][0]}-{regions[r][1] - 1})" for r in pending[:8])
+        raise RunFailure(f"{len(pending)} region(s) not finished: {listed}; run those processes "
+                         "(with --resume) first")
+    done = [r for r in records if r]
+    total = summed([Tally.from_json(r.get("tally")) for r in done])
+    common: dict[str, Any] = dict(
+        finished=now_iso(), overflow=total.overflow, nonfinite=total.nonfinite,
+        seconds=round(total.seconds, 3), oom_retries=total.oom_retries,
+        peak_rss_bytes=max((r.get("peak_rss", 0) for r in done), default=0),
+        padding=round(total.padding, 4), stats=_write_stats(group, done),
+    )
+    failures = _check_residuals(group, residual_limit)
+    if failures:
+        message = (f"the effective attention does not reproduce the layer output (limit "
+                   f"{residual_limit:g}): {'; '.join(failures)}")
+        set_status(group, FAILED, failure=message, **common)
+        return FAILED
+    set_status(group, COMPLETE, **common)
+    return COMPLETE
+
+
+def finalize_store(group: zarr.Group) -> str:
+    """``gdn-dump finalize``: :func:`finalize`, with a failed check as a one-line failure."""
+    status = finalize(group)
+    if status == FAILED:
+        raise RunFailure(group.attrs[ATTR]["failure"])
+    return status
+
+
+def _check_residuals(group: zarr.Group, residual_limit: float) -> list[str]:
+    """Each matrix's residuals read back from the store (written by every process) into its
+    attributes; the matrices over the limit."""
+    failures = []
+    for name, arr in group.arrays():
+        if not is_residual(name):
+            continue
+        values = np.asarray(arr[:], dtype=np.float64)
+        worst = float(values.max()) if values.size else 0.0
+        matrix = group[matrix_name(layer_of(name))]
+        matrix.attrs.update({"residual_max": worst,
+                             "residual_mean": float(values.mean()) if values.size else 0.0,
+                             "residual_limit": residual_limit})
+        if worst > residual_limit:
+            failures.append(f"{matrix.basename}: ||M V - o|| / ||o|| = {worst:.2e}")
+    return failures
+
+
+def _write_stats(group: zarr.Group, records: list[dict]) -> dict[str, dict]:
+    """Merge the regions' statistics into each array's attribute ``stats``; returns the
+    all-heads summary per array for the provenance. An array some region with rows has no
+    statistics for (a record from before statistics, resumed) gets none."""
+    with_rows = [r for r in records if (r.get("rows") or [0, 0])[1] > (r.get("rows") or [0, 0])[0]]
+    states = [r.get("stats") or {} for r in with_rows]
+    names = set.intersection(*(set(s) for s in states)) if states else set()
+    total = merged({name: state[name] for name in names} for state in states)
+    summary = {}
+    for name, stats in sorted(total.items()):
+        if name in group:
+            group[name].attrs.update({"stats": stats.result()})
+            summary[name] = stats.summary()
+    return summary
