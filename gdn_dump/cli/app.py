@@ -153,11 +153,10 @@ def hooks(
 @app.command(cls=o.Command)
 def inspect(store: o.StoreArg, debug: o.Debug = False) -> None:
     """Print a store's arrays, shapes, dtypes, sizes on disk, provenance and completeness."""
-    from ..ops.stats import table_rows
     from ..store.create import ATTR, open_group, store_summary
 
     group = open_group(store)
-    render.print_inspect(store, dict(group.attrs[ATTR]), store_summary(group), table_rows(group))
+    render.print_inspect(store, dict(group.attrs[ATTR]), store_summary(group), render.stats_rows(group))
 
 
 @app.command(cls=o.Command)
