@@ -1,8 +1,6 @@
 """gdn-dump: stream Gated DeltaNet internals of Qwen3.5 / Qwen3-Next models into chunked Zarr stores."""
 
-from importlib.metadata import version as _version
-
-__version__ = _version("gdn-dump")
+from .version import __version__
 
 # Importing gdn_dump changes nothing outside it. zarr finds the bfloat16 data type through the
 # ``zarr.data_type`` entry point (gdn_dump.store.bfloat16), in any process where gdn-dump is

@@ -17,10 +17,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$log"
 echo "== CPU tests with fla installed ==" | tee -a "$log"
 CUDA_VISIBLE_DEVICES= timeout 150 python3 -m pytest -o addopts= -q -x -p no:cacheprovider \
-    -k "not free_space and not overwrite and not writable" tests/test_models.py tests/test_extract.py 2>&1 \
+    -k "not free_space and not overwrite and not writable" tests/model/test_models.py tests/run/test_extract.py 2>&1 \
     | tail -15 | tee -a "$log"
 echo "== hooked bridge vs HF forward on CUDA (active kernels) ==" | tee -a "$log"
-timeout 120 python3 -m pytest -o addopts= -q -p no:cacheprovider -k "hooked_bridge or kernels" tests/test_models.py 2>&1 \
+timeout 120 python3 -m pytest -o addopts= -q -p no:cacheprovider -k "hooked_bridge or kernels" tests/model/test_models.py 2>&1 \
     | grep -E "passed|failed|Error|assert" | tee -a "$log"
 echo "== gpu_check.py ==" | tee -a "$log"
 timeout 300 python3 scripts/gpu_check.py "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$log"

@@ -10,12 +10,10 @@ import datetime as _dt
 import platform
 from importlib import metadata
 
+from ..version import __version__
+
 TOOL = "gdn-dump"
 LIBRARIES = ("torch", "transformers", "transformer-lens", "zarr", "numpy", "tensorstore")
-
-
-def tool_version() -> str:
-    return metadata.version(TOOL)
 
 
 def library_versions() -> dict[str, str]:
@@ -36,7 +34,7 @@ def now_iso() -> str:
 def provenance_base(command_line: list[str]) -> dict:
     return {
         "tool": TOOL,
-        "version": tool_version(),
+        "version": __version__,
         "command_line": command_line,
         "created": now_iso(),
         "host": platform.node(),
