@@ -7,6 +7,7 @@ extract, attn-matrix and hooks import the model code when they run, the others n
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -36,6 +37,21 @@ def _models(command: str, module: str):
             raise
         raise GdnDumpError(f"gdn-dump {command} needs torch and TransformerLens: "
                            "pip install 'gdn-dump[extract]'") from exc
+
+
+# Option names that differ from ExtractOptions' field names.
+_FIELDS = {"sort_window": "sort_window_bytes", "max_bytes": "max_attn_bytes"}
+
+
+def _options(command: str, values: dict, **given):
+    """The ExtractOptions of a command: its parsed values (a command's ``locals()``) under the
+    field names, what the command sets itself (``given``), and the command line."""
+    from ..run.options import ExtractOptions
+
+    fields = {f.name for f in dataclasses.fields(ExtractOptions)}
+    kwargs = {_FIELDS.get(k, k): v for k, v in values.items() if _FIELDS.get(k, k) in fields}
+    return ExtractOptions(**{**kwargs, **given}, command=command,
+                          command_line=["gdn-dump", *sys.argv[1:]])
 
 
 def _run(ctx: typer.Context, opts, *, quiet: bool, png: Optional[Path] = None,
@@ -79,22 +95,7 @@ def extract(
     config: o.Config = None, debug: o.Debug = False,
 ) -> None:
     """Run prefill over the prompts and stream the selected hooks into a Zarr store."""
-    from ..run.options import ExtractOptions
-
-    _run(ctx, ExtractOptions(
-        model=model, prompts=prompts, out=out, hooks=hooks, layers=layers, revision=revision,
-        device=device, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
-        max_length=max_length, on_long=on_long, encoding_errors=encoding_errors,
-        fail_on_nonfinite=fail_on_nonfinite, stats=stats, batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens, sort_window_bytes=sort_window, shard=shard,
-        resume=resume, wait_timeout=wait_timeout, checkpoint_every=checkpoint_every, dtype=dtype,
-        chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, compressor=compressor, writer=writer,
-        overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=attn_layers,
-        attn_heads=attn_heads, attn_mode=attn_mode, attn_method=attn_method,
-        attn_precision=attn_precision, max_attn_bytes=max_bytes,
-        command_line=["gdn-dump", *sys.argv[1:]],
-    ), quiet=quiet)
+    _run(ctx, _options("extract", locals()), quiet=quiet)
 
 
 @app.command("attn-matrix", cls=o.Command, epilog=RUN_EPILOG)
@@ -120,20 +121,10 @@ def attn_matrix(
     """Store attention matrices: the exact effective attention of GDN layers (M with
     o_i = sum_j M[i, j] v_j, checked against the layer's output on every prompt) and softmax
     patterns."""
-    from ..run.options import ExtractOptions
-
-    _run(ctx, ExtractOptions(
-        model=model, prompts=prompts, out=out, hooks="", revision=revision, device=device,
-        model_dtype=model_dtype, trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights, kernels=kernels, text_field=text_field,
-        max_length=max_length, on_long=on_long, encoding_errors=encoding_errors,
-        fail_on_nonfinite=fail_on_nonfinite, stats=stats, batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens, sort_window_bytes=sort_window, shard=shard,
-        resume=resume, wait_timeout=wait_timeout, checkpoint_every=checkpoint_every,
-        overwrite=overwrite, dry_run=dry_run, force=force, attn_layers=layer, attn_heads=heads,
-        attn_mode=mode, attn_method=method, attn_precision=precision, max_attn_bytes=max_bytes,
-        command_line=["gdn-dump", *sys.argv[1:]], command="attn-matrix",
-    ), quiet=quiet, png=png, png_log=png_log, png_max_prompts=png_max_prompts)
+    _run(ctx, _options("attn-matrix", locals(), hooks="", **{f"attn_{k}": v for k, v in (
+        ("layers", layer), ("heads", heads), ("mode", mode), ("method", method),
+        ("precision", precision))}), quiet=quiet, png=png, png_log=png_log,
+        png_max_prompts=png_max_prompts)
 
 
 @app.command(cls=o.Command, epilog=o.NO_FLAGS_HELP)

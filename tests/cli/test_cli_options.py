@@ -266,12 +266,12 @@ def test_a_config_error_honours_debug_in_either_order(tmp_path, order):
 
 
 def test_a_debug_value_in_the_config_file_counts(tmp_path, monkeypatch):
-    import gdn_dump.run.options as run_options
+    import gdn_dump.run.pipeline as pipeline
 
-    def boom(*a, **k):
+    def boom(opts):
         raise RuntimeError("from the library")
 
-    monkeypatch.setattr(run_options, "ExtractOptions", boom)
+    monkeypatch.setattr(pipeline, "resolve", boom)
     config = tmp_path / "run.toml"
     config.write_text('model = "tiny"\ndebug = true\n')
     result = run("extract", "--config", config, "-p", "p.txt", "-o", tmp_path / "o.zarr")
