@@ -325,10 +325,10 @@ NO_FLAGS_HELP = ("Each on/off option also takes its --no- form (e.g. --no-resume
 # --- the command classes: help at 80 columns, one way to fail -------------------------------------
 
 class _Help:
-    """Help from :func:`gdn_dump.cli.render.help_text`: panels, short metavars, 80 columns."""
+    """Help from :func:`gdn_dump.cli.help.help_text`: panels, short metavars, 80 columns."""
 
     def format_help(self, ctx, formatter) -> None:
-        from .render import help_text
+        from .help import help_text
 
         formatter.write(help_text(self, ctx))
 
