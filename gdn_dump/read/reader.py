@@ -15,7 +15,6 @@ and :meth:`Store.iter_batches` holds a few chunk-aligned blocks at a time.
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,12 +26,10 @@ from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
 from ..store.create import ATTR, COMPLETE, open_group
+from .rows import BLOCK_BYTES, GAP, RowOwners, concat_blocks, lazy_owner_coordinate, block_length, row_bytes, chunk_unit
 
 TOKEN_DIM = "token"
 PROMPT_DIM = "prompt"
-GAP = -1  # the prompt and position of a row no (finished) prompt owns
-# Most bytes of all selected arrays read in one block (the unit of reading and of shuffling).
-BLOCK_BYTES = 64 << 20
 _XARRAY_HINT = "pip install 'gdn-dump[xarray]'"
 
 __all__ = ["open_store", "Store", "PromptRecord", "StoreError"]
@@ -211,8 +208,8 @@ class Store:
         finished[self.visible] = True
         ds = ds.set_coords([n for n in ("prompt_id", "prompt_start", "prompt_length") if n in ds])
         return ds.assign_coords(
-            prompt=xr.Variable((TOKEN_DIM,), _lazy(self._owners, self.n_rows, 0)),
-            position=xr.Variable((TOKEN_DIM,), _lazy(self._owners, self.n_rows, 1)),
+            prompt=xr.Variable((TOKEN_DIM,), lazy_owner_coordinate(self._owners, self.n_rows, 0)),
+            position=xr.Variable((TOKEN_DIM,), lazy_owner_coordinate(self._owners, self.n_rows, 1)),
             finished=((PROMPT_DIM,), finished),
         )
 
@@ -221,8 +218,8 @@ class Store:
         """Rows of one read block for arrays ``names`` (plus ``tokens``): whole chunks of each (see
         :func:`chunk_unit`), as many as make about ``block_tokens`` (default ``batch_tokens``) rows."""
         arrays = [self[n] for n in ["tokens", *names]]
-        unit = chunk_unit([a.chunks[0] for a in arrays], _row_bytes(arrays), budget_bytes)
-        want = block_tokens or min(batch_tokens, max(1, budget_bytes // max(_row_bytes(arrays), 1)))
+        unit = chunk_unit([a.chunks[0] for a in arrays], row_bytes(arrays), budget_bytes)
+        want = block_tokens or min(batch_tokens, max(1, budget_bytes // max(row_bytes(arrays), 1)))
         return max(unit, want // unit * unit)
 
     def iter_batches(self, hooks: str | list[str] | None = None, batch_tokens: int = 4096,
@@ -281,11 +278,11 @@ class Store:
         for w in range(0, len(blocks), shuffle_blocks):
             # Within a window the order does not matter (rows are shuffled): read it in row order.
             window = [self._read_block(int(b), rows, arrays) for b in sorted(blocks[w:w + shuffle_blocks])]
-            part = _concat(([carry] if carry else []) + window)
+            part = concat_blocks(([carry] if carry else []) + window)
             if rng is not None:  # the carried rows join the shuffle: they were never yielded
-                order = rng.permutation(_length(part))
+                order = rng.permutation(block_length(part))
                 part = {k: v[order] for k, v in part.items()}
-            n = _length(part)
+            n = block_length(part)
             full = n // batch_tokens * batch_tokens
             for lo in range(0, full, batch_tokens):
                 yield {k: v[lo:lo + batch_tokens] for k, v in part.items()}
@@ -357,48 +354,6 @@ class PromptRecord:
         return np.asarray(self._store[name][self.index, :, :n, :n])
 
 
-class RowOwners:
-    """Which prompt owns each row, for the given (finished) prompts; other rows are gaps."""
-
-    def __init__(self, starts: np.ndarray, lengths: np.ndarray, prompts: np.ndarray):
-        prompts = prompts[lengths[prompts] > 0]  # a prompt with no tokens owns no row
-        self.prompts = prompts[np.argsort(starts[prompts], kind="stable")]
-        self.starts = starts[self.prompts]
-        self.ends = self.starts + lengths[self.prompts]  # sorted too: prompts never overlap
-
-    def at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(prompt, position)`` of each of ``rows`` ``[m]``: int64 ``[m]``, -1 on gaps."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if not len(self.prompts):
-            return np.full(rows.shape, GAP, np.int64), np.full(rows.shape, GAP, np.int64)
-        i = np.maximum(np.searchsorted(self.starts, rows, side="right") - 1, 0)
-        owned = (rows >= self.starts[i]) & (rows < self.ends[i])
-        return (np.where(owned, self.prompts[i], GAP),
-                np.where(owned, rows - self.starts[i], GAP))
-
-    def blocks(self, rows: int) -> np.ndarray:
-        """Sorted indices of the blocks of ``rows`` rows that hold at least one owned row."""
-        first, last = self.starts // rows, (self.ends - 1) // rows
-        counts = last - first + 1
-        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        return np.unique(np.repeat(first, counts) + offsets)
-
-
-def chunk_unit(chunk_rows: list[int], row_bytes: int, budget_bytes: int = BLOCK_BYTES) -> int:
-    """The smallest block that is whole chunks of every array: the lcm of their chunk rows.
-
-    Arrays of very different row sizes get very different chunk rows (chunks are ~4 MiB), and
-    their lcm can hold far more than ``budget_bytes`` of all arrays: then the largest chunk that
-    fits (or the smallest chunk). Arrays with bigger chunks are then read a part of a chunk at a
-    time; they are the ones with small rows, so the extra bytes read stay small.
-    """
-    unit = math.lcm(*chunk_rows)
-    if unit * row_bytes <= budget_bytes:
-        return unit
-    fitting = [c for c in chunk_rows if c * row_bytes <= budget_bytes]
-    return max(fitting) if fitting else min(chunk_rows)
-
-
 def _group_path(group: zarr.Group) -> str:
     """Where an open group is, as :func:`open_store` takes it (a directory or a URL)."""
     store = group.store
@@ -409,42 +364,3 @@ def _group_path(group: zarr.Group) -> str:
     else:
         base = str(store)
     return f"{base.rstrip('/')}/{group.path}" if group.path else base
-
-
-def _row_bytes(arrays) -> int:
-    return sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in arrays)
-
-
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _length(part: dict[str, np.ndarray]) -> int:
-    return int(part["tokens"].shape[0])
-
-
-# ---- lazy coordinates for xarray --------------------------------------------------------------
-
-def _lazy(owners: RowOwners, n_rows: int, which: int):
-    """Coordinate ``prompt`` (``which=0``) or ``position`` (1) ``[n_rows]`` computed per request,
-    so a billion-row store does not get two billion-entry coordinates in memory."""
-    from xarray.backends import BackendArray
-    from xarray.core import indexing
-
-    class OwnerArray(BackendArray):
-        def __init__(self):
-            self.shape = (n_rows,)
-            self.dtype = np.dtype(np.int64)
-
-        def __getitem__(self, key):
-            return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
-                                                      self._raw)
-
-        def _raw(self, key: tuple):
-            (k,) = key
-            rows = np.arange(*k.indices(n_rows)) if isinstance(k, slice) else np.asarray(k)
-            return owners.at(rows)[which]
-
-    return indexing.LazilyIndexedArray(OwnerArray())

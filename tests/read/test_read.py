@@ -20,7 +20,7 @@ from gdn_dump.errors import RunFailure, StoreError
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
-from gdn_dump.read.reader import chunk_unit
+from gdn_dump.read.rows import chunk_unit
 from gdn_dump.tokenizer import load_tokenizer_offline
 
 from ..helpers import RAGGED_PROMPTS, reference_cache
