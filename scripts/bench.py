@@ -78,7 +78,8 @@ from gdn_dump.model.load import LoadedModel, load_model, wrap_model  # noqa: E40
 from gdn_dump.tokenizer import build_tiny_tokenizer  # noqa: E402
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract  # noqa: E402
-from gdn_dump.store.layout import SCALAR_DTYPE, make_plan  # noqa: E402
+from gdn_dump.dtypes import SCALAR_DTYPE  # noqa: E402
+from gdn_dump.store.layout import make_plan  # noqa: E402
 
 BENCH_TEXT_CONFIG = dict(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
