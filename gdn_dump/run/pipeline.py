@@ -29,7 +29,7 @@ from .plan import check_free_space, plan_run, plan_units, window_tokens
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner
 from .session import (Clock, ProgressRecorder, Session, Start, decide, fault, fingerprint,
-                      open_session, peak_rss, signals_as_exceptions)
+                      open_session, peak_rss, resumable, signals_as_exceptions)
 from .sink import BatchSink, UnitEnd
 from .split import Barrier, WorkSplit, detect_split, device_for
 from .tokens import tokenized
@@ -52,7 +52,8 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
     process's region into it, and finalize the store if it was the last region to finish.
 
     Everything a user can get wrong is checked before the weights load: the options, the output
-    path, the prompt file, the hook and layer selection, the matrix budget, the free disk space.
+    path, the prompt file, the hook and layer selection, the matrix budget, the free disk space, and
+    whether a store to ``--resume`` was written with the same settings.
     """
     reporter = reporter or Reporter()
     opts = resolve(opts)
@@ -70,6 +71,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         device = device_for(opts.device, split)
         model_dtype = model.dtype if model is not None else resolve_model_dtype(opts.model_dtype, device)
         fp = fingerprint(opts, plan, source, split, str(model_dtype))
+        resumed = resumable(opts, loc, fp) if start is Start.RESUME else None
         model = model or load_model(
             opts.model, revision=opts.revision, device=str(device), model_dtype=opts.model_dtype,
             trust_remote_code=opts.trust_remote_code, allow_pickle_weights=opts.allow_pickle_weights,
@@ -78,7 +80,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         with Barrier(split, opts.wait_timeout) as barrier:
             session = open_session(opts, start, loc, plan, source, split, fp,
                                    run_provenance(opts, model, plan, source, split), barrier,
-                                   on_open=reporter.opened)
+                                   resumed=resumed, on_open=reporter.opened)
             work = None
             if not session.region_done and not session.store_complete:
                 with signals_as_exceptions():

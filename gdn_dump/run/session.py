@@ -101,8 +101,10 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
 
 
 def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: WorkSplit,
-                 fp: dict, provenance: dict, barrier: Barrier, on_open=None) -> Session:
+                 fp: dict, provenance: dict, barrier: Barrier, resumed: zarr.Group | None = None,
+                 on_open=None) -> Session:
     """Create, resume or join the store as :func:`decide` said; return where this process starts.
+    ``resumed``: what :func:`resumable` found (to resume; None: create it again).
     ``on_open(out)`` is called as soon as the store exists for this process."""
     launch = run_id()
     on_open = on_open or (lambda out: None)
@@ -112,7 +114,7 @@ def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: W
                            opts.resume)
         on_open(opts.out)
     else:
-        group = _resumable(opts, loc, fp) if start is Start.RESUME else None
+        group = resumed if start is Start.RESUME else None
         if group is None:
             group = create_store(loc if start is Start.CREATE else check_out(loc, overwrite=True),
                                  plan, provenance, compressor=opts.compressor,
@@ -138,9 +140,11 @@ def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: W
     return session
 
 
-def _resumable(opts, loc: Location, fp: dict) -> zarr.Group | None:
-    """The store to continue, or None when it was never marked ready (killed while being
-    created: nothing in it can be trusted, so it is created again)."""
+def resumable(opts, loc: Location, fp: dict) -> zarr.Group | None:
+    """For ``--resume`` (:data:`Start.RESUME`), checked before the weights load: the store to
+    continue, refused in one line if it was written with other settings; None when it was never
+    marked ready (killed while being created: nothing in it can be trusted, so it is created
+    again)."""
     group = open_group(loc, mode="r+")
     info = ready_info(group)
     if info is None:

@@ -122,3 +122,23 @@ def test_a_record_counts_exactly_the_rows_before_it(noisy, tmp_path, monkeypatch
     upto = record["resume_from"]
     assert record["tally"]["prompts"] == upto
     assert record["tally"]["tokens"] == int(lengths[:upto].sum()) == record["tokens"]
+
+
+def test_a_resume_with_other_settings_is_refused_before_the_weights_load(noisy, tmp_path, monkeypatch):
+    import gdn_dump.run.pipeline as pipeline
+    from gdn_dump.errors import StoreError
+
+    prompts = _prompts(tmp_path / "p.txt")
+    _kill_at(monkeypatch, "after-checkpoint:1")
+    with pytest.raises(Killed):
+        _extract(noisy, prompts, tmp_path / "k.zarr")
+    monkeypatch.undo()
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the settings were compared")
+
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    with pytest.raises(StoreError, match=r"different settings; .*hooks"):
+        extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(tmp_path / "k.zarr"),
+                               hooks="beta", layers="0,1", batch_size=3, sort_window_bytes=0,
+                               checkpoint_every=0, attn_layers="0", resume=True))
