@@ -19,6 +19,26 @@ RAGGED_PROMPTS = [
 ]
 
 
+class Killed(BaseException):
+    """What SIGKILL at a ``GDN_DUMP_FAULT`` point does to a run, in-process: nothing after it runs
+    (a BaseException: no handler of the run catches it). tests/run/test_distributed.py kills real
+    processes; this keeps the other kill tests fast."""
+
+
+def kill_at(monkeypatch, point: str) -> None:
+    """Make the run raise :class:`Killed` at fault point ``point`` (``after-create``,
+    ``after-checkpoint:N``, ``before-finalize``), where ``GDN_DUMP_FAULT`` would SIGKILL it."""
+    import gdn_dump.run.pipeline as pipeline
+    import gdn_dump.run.session as session
+
+    def fault(at):
+        if at == point:
+            raise Killed(at)
+
+    monkeypatch.setattr(session, "fault", fault)
+    monkeypatch.setattr(pipeline, "fault", fault)
+
+
 def reference_cache(model, text: str):
     """TransformerLens ``run_with_cache`` of one prompt alone (the independent reference)."""
     import torch
@@ -54,3 +74,24 @@ def save_tiny_checkpoint(path: str | Path, multimodal: bool = True) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def assert_same_prompts(reference, other) -> None:
+    """Every prompt's rows of every array equal, bit for bit (layouts may differ by gaps)."""
+    import numpy as np
+    import zarr
+
+    a = zarr.open_group(str(reference), mode="r")
+    b = zarr.open_group(str(other), mode="r")
+    assert b.attrs["gdn_dump"]["status"] == "complete"
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    assert list(a["prompt_id"][:]) == list(b["prompt_id"][:])
+    np.testing.assert_array_equal(a["prompt_length"][:], b["prompt_length"][:])
+    starts_a, starts_b, lengths = a["prompt_start"][:], b["prompt_start"][:], a["prompt_length"][:]
+    for name, arr in a.arrays():
+        if (arr.metadata.dimension_names or ("",))[0] != "token":
+            continue
+        x, y = arr[:], b[name][:]
+        for p, n in enumerate(lengths):
+            np.testing.assert_array_equal(x[starts_a[p]:starts_a[p] + n], y[starts_b[p]:starts_b[p] + n],
+                                          err_msg=f"{name}, prompt {p}")

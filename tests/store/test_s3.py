@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import zarr
@@ -18,8 +14,9 @@ from ..s3server import s3_server, s3_url  # noqa: F401
 
 
 def _extract(tiny, prompts, out, **kw):
+    kw = {"hooks": "q,v,beta,log_decay", "attn_layers": "0", **kw}
     return extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(out), dtype="float32",
-                                  hooks="q,v,beta,log_decay", attn_layers="0", **kw), model=tiny)
+                                  **kw), model=tiny)
 
 
 def test_extract_to_s3_reads_back_equal_to_a_local_store(tiny, ragged_txt, tmp_path, s3_url):
@@ -55,27 +52,27 @@ def test_existing_s3_store_is_refused_without_overwrite(tiny, ragged_txt, s3_url
     _extract(tiny, ragged_txt, s3_url, overwrite=True)
 
 
-def test_killed_s3_run_resumes_to_the_same_store(ragged_txt, s3_url, tmp_path):
-    def run(out, *extra, fault=None):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if fault:
-            env["GDN_DUMP_FAULT"] = fault
-        return subprocess.run([sys.executable, "-m", "gdn_dump", "extract", "--model", "tiny",
-                               "--prompts", str(ragged_txt), "--out", str(out), "--dtype", "float32",
-                               "--hooks", "q,beta", "--checkpoint-every", "0", "--sort-window", "2KiB",
-                               "-q", *extra], env=env, capture_output=True, text=True, timeout=300)
+def test_killed_s3_run_resumes_to_the_same_store(tiny, ragged_txt, s3_url, tmp_path, monkeypatch):
+    """Killed after its second progress record (each one object), resumed: the uninterrupted
+    store. (Real SIGKILLs: tests/run/test_distributed.py.)"""
+    import pytest
 
-    assert run(tmp_path / "ref.zarr").returncode == 0
-    assert run(s3_url, fault="after-checkpoint:2").returncode == -signal.SIGKILL
+    from gdn_dump.store.verify import verify_store
+
+    from ..helpers import Killed, kill_at
+
+    run = dict(hooks="q,beta", checkpoint_every=0, sort_window_bytes=2048)
+    _extract(tiny, ragged_txt, tmp_path / "ref.zarr", **run)
+    kill_at(monkeypatch, "after-checkpoint:2")
+    with pytest.raises(Killed):
+        _extract(tiny, ragged_txt, s3_url, **run)
+    monkeypatch.undo()
     assert open_group(s3_url).attrs["gdn_dump"]["status"] == "in_progress"
-    resumed = run(s3_url, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _extract(tiny, ragged_txt, s3_url, resume=True, **run)
     ref, got = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r"), open_group(s3_url)
     assert got.attrs["gdn_dump"]["status"] == "complete"
     for name in ("tokens", "blocks.0.linear_attn.hook_q", "blocks.2.linear_attn.hook_beta"):
         np.testing.assert_array_equal(ref[name][:], got[name][:], err_msg=name)
-    from gdn_dump.store.verify import verify_store
-
     assert all(check.ok for check in verify_store(s3_url)), verify_store(s3_url)
 
 

@@ -1,4 +1,5 @@
-"""A killed and resumed run records exactly the counts of an uninterrupted one.
+"""Resume: a killed and resumed run records exactly the counts of an uninterrupted one, and gives
+its store; a resume with other settings is refused before anything loads.
 
 Each progress record carries what the rows before it took (overflow, NaN/inf, padding, prompts,
 tokens, residuals, retries, time), snapshotted at the same unit boundary as the rows it records;
@@ -18,14 +19,12 @@ import zarr
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 
+from ..helpers import Killed, assert_same_prompts, kill_at
+
 WORDS = ["alpha", "b", "gamma delta", "é", "zz", "the quick"]
 HOOKS = "v,q,beta,log_decay"
 OVERFLOWING = "blocks.0.linear_attn.hook_v"
 POISONED = "blocks.1.linear_attn.hook_q"
-
-
-class Killed(BaseException):
-    """What SIGKILL would do to the process: nothing after this point runs."""
 
 
 @pytest.fixture()
@@ -59,29 +58,19 @@ def _extract(model, prompts, out, **kw):
                                   checkpoint_every=0, attn_layers="0", **kw), model=model)
 
 
-def _kill_at(monkeypatch, point):
-    import gdn_dump.run.session as session
-
-    def fault(at):
-        if at == point:
-            raise Killed(at)
-
-    monkeypatch.setattr(session, "fault", fault)
-
-
 COUNTS = ("overflow", "nonfinite", "padding", "oom_retries")
 
 
-@pytest.mark.parametrize("kill_at", ["after-checkpoint:1", "after-checkpoint:3"])
+@pytest.mark.parametrize("point", ["after-checkpoint:1", "after-checkpoint:3"])
 def test_killed_and_resumed_run_records_the_uninterrupted_counts(noisy, tmp_path, monkeypatch,
-                                                                 kill_at):
+                                                                 point):
     prompts = _prompts(tmp_path / "p.txt")
     clean = _extract(noisy, prompts, tmp_path / "clean.zarr")
     whole = zarr.open_group(str(tmp_path / "clean.zarr"), mode="r").attrs["gdn_dump"]
     assert whole["overflow"][OVERFLOWING] > 0 and whole["nonfinite"][POISONED] > 0  # meaningful
 
     out = tmp_path / "killed.zarr"
-    _kill_at(monkeypatch, kill_at)
+    kill_at(monkeypatch, point)
     with pytest.raises(Killed):
         _extract(noisy, prompts, out)
     monkeypatch.undo()
@@ -113,7 +102,7 @@ def test_a_record_counts_exactly_the_rows_before_it(noisy, tmp_path, monkeypatch
     """The counts of a record are those of the prompts before its resume_from, not of whatever
     the sink had seen when the writer thread got to it."""
     prompts = _prompts(tmp_path / "p.txt")
-    _kill_at(monkeypatch, "after-checkpoint:2")
+    kill_at(monkeypatch, "after-checkpoint:2")
     with pytest.raises(Killed):
         _extract(noisy, prompts, tmp_path / "k.zarr")
     monkeypatch.undo()
@@ -129,7 +118,7 @@ def test_a_resume_with_other_settings_is_refused_before_the_weights_load(noisy, 
     from gdn_dump.errors import StoreError
 
     prompts = _prompts(tmp_path / "p.txt")
-    _kill_at(monkeypatch, "after-checkpoint:1")
+    kill_at(monkeypatch, "after-checkpoint:1")
     with pytest.raises(Killed):
         _extract(noisy, prompts, tmp_path / "k.zarr")
     monkeypatch.undo()
@@ -142,3 +131,43 @@ def test_a_resume_with_other_settings_is_refused_before_the_weights_load(noisy, 
         extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(tmp_path / "k.zarr"),
                                hooks="beta", layers="0,1", batch_size=3, sort_window_bytes=0,
                                checkpoint_every=0, attn_layers="0", resume=True))
+
+
+@pytest.mark.parametrize("point", ["after-create", "before-finalize"])
+def test_killed_before_or_after_the_rows_resumes_to_the_same_store(tiny, tmp_path, monkeypatch, point):
+    """Killed once the store exists but before any record, or once every record is written but
+    before the store is marked complete: --resume gives the uninterrupted store."""
+    prompts = _prompts(tmp_path / "p.txt")
+    _extract(tiny, prompts, tmp_path / "clean.zarr")
+    out = tmp_path / "killed.zarr"
+    kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        _extract(tiny, prompts, out)
+    monkeypatch.undo()
+    assert zarr.open_group(str(out), mode="r").attrs["gdn_dump"]["status"] == "in_progress"
+    _extract(tiny, prompts, out, resume=True)
+    assert_same_prompts(tmp_path / "clean.zarr", out)
+
+
+def test_a_resume_with_other_settings_is_one_line_and_leaves_the_store(tiny, tmp_path, monkeypatch):
+    """Through the command line: exit 2, one line listing the differences, no traceback, the
+    store untouched; and an existing store without --resume or --overwrite is refused."""
+    from typer.testing import CliRunner
+
+    from gdn_dump.cli.app import app
+
+    prompts, out = _prompts(tmp_path / "p.txt"), tmp_path / "s.zarr"
+    kill_at(monkeypatch, "after-checkpoint:2")
+    with pytest.raises(Killed):
+        _extract(tiny, prompts, out)
+    monkeypatch.undo()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    args = ["extract", "-m", "tiny", "-p", str(prompts), "-o", str(out), "-q"]
+    refused = CliRunner().invoke(app, [*args, "--resume", "--hooks", "q,beta"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "different settings" in refused.stderr and "hooks" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert zarr.open_group(str(out), mode="r").attrs["gdn_dump"]["status"] == "in_progress"
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.stderr
