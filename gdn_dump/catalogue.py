@@ -19,6 +19,8 @@ GDN layers (``blocks.<i>.linear_attn.<hook>``; short names in brackets; Hk = n_k
     hook_recurrence_out  [recurrence_out]  [Hv, d_v]    output of the gated delta rule
     hook_gate_input      [gate_input]      [Hv, d_v]    z, the gate of the gated RMSNorm
     hook_out             [out]             [d_model]    output to the residual stream
+    hook_ssm_state       [ssm_state]       [Hv, d_k, d_v]  the recurrent state S_t, stored as snapshots
+                                           (``--state-every``): not per token, kind ``state``
 
 Softmax-attention layers (``blocks.<i>.attn.<hook>``): per-token ``hook_in``, ``hook_out``,
 ``hook_q`` ([2 H, d_head]: query and gate per head), ``hook_k``/``hook_v``/``hook_rot_k``
@@ -46,6 +48,7 @@ ATTENTION = "attention"
 MODEL = "model"
 PER_TOKEN = "per_token"
 ATTENTION_MATRIX = "attention_matrix"
+STATE = "state"  # rows along the ``state`` axis: snapshots of S_t (store contract, DESIGN.md 4)
 
 # short name -> (hook suffix, dims of the trailing shape, per-head scalar)
 GDN_HOOKS: dict[str, tuple[str, tuple[str, ...], bool]] = {
@@ -63,6 +66,12 @@ GDN_HOOKS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "gate_input": ("hook_gate_input", ("v_head", "d_v"), False),
     "out": ("hook_out", ("d_model",), False),
 }
+# The recurrent state: TransformerLens's name, which its bridge fires only with eager_scan (a Python
+# loop holding [B, T, H, d_k, d_v]); gdn-dump computes snapshots from the forward's k, v, beta, g.
+STATE_HOOK = "ssm_state"
+STATE_SUFFIX = "hook_ssm_state"
+STATE_DIMS = ("v_head", "d_k", "d_v")
+STATE_INPUTS = ("k", "v", "beta", "log_decay")  # what the snapshots are computed (and replayed) from
 DEFAULT_HOOKS = ("q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v", "beta", "log_decay",
                  "recurrence_out")
 
@@ -124,6 +133,20 @@ def linear_attn_name(layer: int, suffix: str) -> str:
 def gdn_hook_name(layer: int, short: str) -> str:
     """``blocks.<layer>.linear_attn.hook_<short>`` (``short`` is a key of :data:`GDN_HOOKS`)."""
     return linear_attn_name(layer, GDN_HOOKS[short][0])
+
+
+def state_name(layer: int) -> str:
+    """``blocks.<layer>.linear_attn.hook_ssm_state``: the state snapshots of a GDN layer."""
+    return linear_attn_name(layer, STATE_SUFFIX)
+
+
+def is_state(name: str) -> bool:
+    return layer_of(name) is not None and name == state_name(layer_of(name))
+
+
+def state_layers(names) -> list[int]:
+    """The layers that have state snapshots among array ``names``, sorted."""
+    return sorted(layer_of(name) for name in names if is_state(name))
 
 
 def attention_hook_name(layer: int, suffix: str) -> str:
@@ -295,6 +318,8 @@ class Catalogue:
                 for short, (_, dims, scalar) in GDN_HOOKS.items():
                     self._add(gdn_hook_name(layer, short), layer, kind, dims,
                               scalar=scalar, short=short)
+                self._add(state_name(layer), layer, kind, STATE_DIMS, short=STATE_HOOK,
+                          kind_of_hook=STATE)
             else:
                 for suffix, dims in _ATTENTION_HOOKS.items():
                     self._add(attention_hook_name(layer, suffix), layer, kind, dims)
@@ -346,9 +371,10 @@ class Catalogue:
         shorts = [item for item in items if "." not in item]
         for item in items:
             if "." in item:
-                selected[item] = self._full_name(item)
-            elif item not in GDN_HOOKS:
-                raise SelectionError(_unknown("hook", item, list(GDN_HOOKS)))
+                spec = self._full_name(item)
+                selected[spec.name] = spec
+            elif item not in GDN_HOOKS and item != STATE_HOOK:
+                raise SelectionError(_unknown("hook", item, [*GDN_HOOKS, STATE_HOOK]))
         if shorts:
             attention = [layer for layer in layer_list if self.layer_types[layer] != GDN]
             if attention:
@@ -358,7 +384,8 @@ class Catalogue:
                 )
             for layer in layer_list:
                 for short in shorts:
-                    spec = self.gdn_hook(layer, short)
+                    spec = self.specs[state_name(layer) if short == STATE_HOOK else
+                                      gdn_hook_name(layer, short)]
                     selected[spec.name] = spec
         order = {name: i for i, name in enumerate(self.specs)}
         return sorted(selected.values(), key=lambda spec: order[spec.name])

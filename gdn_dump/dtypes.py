@@ -14,12 +14,15 @@ ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # --dtype: how vector hooks are stored
 SCALAR_DTYPE = "float32"  # per-head scalars (beta, log decay) whatever --dtype says
+# --state-dtype: states have a wider range than activations (a sum over the whole prompt)
+STATE_DTYPES = STORAGE_DTYPES
+STATE_DTYPE = "float32"
 MODEL_DTYPES = ("float32", "float16", "bfloat16")  # --model-dtype (besides "auto")
 PRECISIONS = ("float32", "float64")  # --precision: what the exact attention is computed in
 MATRIX_DTYPE = "float32"  # attention matrices, whatever they were computed in
 RESIDUAL_DTYPE = "float64"  # per-prompt attention residuals
 TOKEN_DTYPE = "int32"
-INDEX_DTYPE = "int64"  # prompt_start, prompt_length
+INDEX_DTYPE = "int64"  # prompt_start, prompt_length, state_start, state_count, state_position
 
 
 def itemsize(name: str) -> int:

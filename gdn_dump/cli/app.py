@@ -80,6 +80,7 @@ def extract(
     prompts: o.Prompts, text_field: o.TextField = "text", max_length: o.MaxLength = None,
     on_long: o.OnLong = "truncate", encoding_errors: o.EncodingErrors = "strict",
     hooks: o.Hooks = None, layers: o.Layers = "all",
+    state_every: o.StateEvery = None, state_dtype: o.StateDtype = None,
     attn_layers: o.AttnLayers = None, attn_heads: o.Heads = None, attn_mode: o.Mode = "exact",
     attn_method: o.Method = "chunked", attn_precision: o.Precision = "float32",
     max_bytes: o.MaxBytes = "16GiB",
@@ -156,7 +157,8 @@ def plot(
     head: o.PlotHead = None, prompt: o.PlotPrompt = None, hook: o.PlotHook = "recurrence_out",
     width: o.Width = 10.0, height: o.Height = 6.0, dpi: o.Dpi = 100, debug: o.Debug = False,
 ) -> None:
-    """Draw one figure of a store: decay half-lives, beta, an attention matrix or norm profiles."""
+    """Draw one figure of a store: decay half-lives, beta, an attention matrix, norm profiles
+    or recurrent states."""
     from ..read.plots import plot_store
     from ..read.reader import open_store
 

@@ -23,13 +23,14 @@ import typer
 import typer.core
 
 from ..catalogue import DEFAULT_HOOKS, MATRIX_METHODS, MATRIX_MODES
-from ..dtypes import MODEL_DTYPES, PRECISIONS, STORAGE_DTYPES
+from ..dtypes import MODEL_DTYPES, PRECISIONS, STATE_DTYPE, STATE_DTYPES, STORAGE_DTYPES
 from ..errors import GdnDumpError, Terminated
 from ..model.kernels import KERNEL_CHOICES
 from ..read.figures import KINDS
 from ..run.prompts import ENCODING_ERRORS
 from ..run.tokens import ON_LONG
 from ..store.create import COMPRESSORS
+from ..store.layout import DEFAULT_STATE_EVERY, STATE_FINAL, state_stride
 from ..store.writer import WRITERS
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -126,6 +127,15 @@ def _size(value: Any) -> int:
         raise OptionValueError(str(exc)) from None
 
 
+def _state_every(value: Any) -> str:
+    """A stride (``64``) or ``final``, checked by the library's own parser."""
+    try:
+        state_stride(value)
+    except GdnDumpError as exc:
+        raise OptionValueError(str(exc).replace("--state-every", "{option}")) from None
+    return str(value).strip()
+
+
 # --- --config and --debug ---------------------------------------------------------------------------
 
 def _load_config(ctx, param, value: Optional[Path]):
@@ -209,10 +219,17 @@ EncodingErrors = Annotated[str, choice(ENCODING_ERRORS, panel=PROMPTS, help=(
 # Hooks and layers
 Hooks = Annotated[Optional[str], option(
     metavar="LIST", panel=HOOKS, show_default=",".join(DEFAULT_HOOKS), help=(
-        "Short GDN hook names, applied to every --layers layer (all: every GDN hook; default: "
-        "the default set), and/or full TransformerLens hook names; comma separated."))]
+        "Short GDN hook names, applied to every --layers layer (all: every per-token GDN hook; "
+        "default: the default set; ssm_state: the recurrent state, see --state-every), and/or "
+        "full TransformerLens hook names; comma separated."))]
 Layers = Annotated[str, option(metavar="LIST", panel=HOOKS,
                                help="GDN layers for the short names: all, or e.g. 0,1,4-6.")]
+StateEvery = Annotated[Optional[str], option(
+    metavar=f"N|{STATE_FINAL}", panel=HOOKS, parser=_state_every, show_default=str(DEFAULT_STATE_EVERY),
+    help=("With the hook ssm_state: a snapshot of S_t after every N-th token and each prompt's "
+          f"last ({STATE_FINAL}: the last only); store.state() gives S_t at any t."))]
+StateDtype = Annotated[Optional[str], choice(STATE_DTYPES, panel=HOOKS, show_default=STATE_DTYPE,
+                                             help="Storage dtype of the state snapshots.")]
 
 # Attention matrices
 AttnLayers = Annotated[Optional[str], option(
@@ -298,18 +315,19 @@ StoreArg = Annotated[str, typer.Argument(metavar="STORE", show_default=False, he
 Kind = Annotated[str, choice(KINDS, "--kind", "-k", panel=FIGURE,
                              message="{option} {value!r} is unknown: one of {choices}", help=(
     "decay: half-life ln(0.5)/g in tokens; beta; attn: an attention matrix; norms: the norm "
-    "profile along the sequence."))]
+    "profile along the sequence; state: the recurrent state's norm, effective rank and "
+    "spectrum."))]
 FigureOut = Annotated[Path, option("--out", "-o", metavar="FILE", panel=FIGURE,
                                    help="The image to write (.png; its directory must exist).")]
 PlotLayer = Annotated[Optional[int], option("--layer", metavar="N", panel=FIGURE, help=(
-    "decay/beta: per-head distributions of this layer; attn: the layer (default: the first "
-    "with an attn_matrix); norms: a line per head of this layer."))]
+    "decay/beta: per-head distributions of this layer; attn, state: the layer (default: the "
+    "first with an attn_matrix, with states); norms: a line per head of this layer."))]
 PlotHead = Annotated[Optional[int], option("--head", metavar="N", panel=FIGURE, help=(
     "attn: the head (default 0); decay/beta: this head's distribution per layer (or in "
-    "--layer); norms: this head only."))]
+    "--layer); norms, state: this head only."))]
 PlotPrompt = Annotated[Optional[int], option("--prompt", metavar="N", panel=FIGURE, help=(
-    "0-based prompt index: attn's prompt (default 0); the other kinds: only this prompt "
-    "(default: all)."))]
+    "0-based prompt index: attn's prompt (default 0); state's (default: the first with "
+    "snapshots); the other kinds: only this prompt (default: all)."))]
 PlotHook = Annotated[str, option("--hook", metavar="HOOK", panel=FIGURE, help=(
     "norms: a short name (recurrence_out, v, q, ...) or a full array name."))]
 Width = Annotated[float, option(metavar="IN", panel=IMAGE, help="Figure width in inches.")]

@@ -240,24 +240,28 @@ def stats_rows(group) -> list[dict]:
     """One row per array of a store that carries ``stats``: what ``gdn-dump inspect`` prints."""
     rows = []
     for name, arr in sorted(group.arrays()):
-        s = dict(arr.attrs).get("stats")
-        if not s:
-            continue
-
-        def avg(key):
-            values = [x for x in s.get(key, []) if x is not None]
-            return sum(values) / len(values) if values else None
-
-        mins = [x for x in s.get("min", []) if x is not None]
-        maxs = [x for x in s.get("max", []) if x is not None]
-        row = {"name": name, "heads": len(s["count"]), "heads_dim": s.get("heads_dim"),
-               "count": int(sum(s["count"])), "nonfinite": int(sum(s.get("nonfinite", []))),
-               "mean": avg("mean"), "std": avg("std"), "mean_l2": avg("mean_l2"),
-               "min": min(mins) if mins else None, "max": max(maxs) if maxs else None}
-        if "half_life_histogram" in s:
-            row["median_half_life"] = histogram_median(s["half_life_histogram"])
-        rows.append(row)
+        attrs = dict(arr.attrs)
+        if attrs.get("stats"):
+            rows.append(_stats_row(name, attrs["stats"]))
+        for statistic, s in sorted((attrs.get("state_stats") or {}).items()):
+            rows.append(_stats_row(f"{name} {statistic}", s))  # per head, over the snapshots
     return rows
+
+
+def _stats_row(name: str, s: dict) -> dict:
+    def avg(key):
+        values = [x for x in s.get(key, []) if x is not None]
+        return sum(values) / len(values) if values else None
+
+    mins = [x for x in s.get("min", []) if x is not None]
+    maxs = [x for x in s.get("max", []) if x is not None]
+    row = {"name": name, "heads": len(s["count"]), "heads_dim": s.get("heads_dim"),
+           "count": int(sum(s["count"])), "nonfinite": int(sum(s.get("nonfinite", []))),
+           "mean": avg("mean"), "std": avg("std"), "mean_l2": avg("mean_l2"),
+           "min": min(mins) if mins else None, "max": max(maxs) if maxs else None}
+    if "half_life_histogram" in s:
+        row["median_half_life"] = histogram_median(s["half_life_histogram"])
+    return row
 
 
 def print_inspect(name: str, meta: dict[str, Any], rows: list[dict], stats_rows: list[dict]) -> None:

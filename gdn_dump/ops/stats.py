@@ -292,10 +292,31 @@ def _nullable(values: np.ndarray, empty: np.ndarray | None = None) -> list:
 
 # --- a run's statistics: name -> ArrayStats ----------------------------------------------------
 
+# Per head, over the snapshots of a state array: its Frobenius norm and effective rank (exp of the
+# entropy of the normalised singular values); accumulated under "<array>:<statistic>".
+STATE_STATISTICS = ("norm", "effective_rank")
+
+
+def state_stat_key(name: str, statistic: str) -> str:
+    return f"{name}:{statistic}"
+
+
+def split_stat_key(key: str) -> tuple[str, str | None]:
+    """``(array name, state statistic or None)`` of a key of :func:`for_arrays`."""
+    name, _, statistic = key.partition(":")
+    return name, statistic or None
+
+
 def for_arrays(specs) -> dict[str, ArrayStats]:
-    """Fresh accumulators for the plan's per-token hook arrays (``ArraySpec``s)."""
-    return {a.name: ArrayStats.for_array(a.name, a.dims, a.shape[1:]) for a in specs
-            if a.stream == "token" and wants_stats(a.name, a.dims)}
+    """Fresh accumulators for the plan's per-token hook arrays (``ArraySpec``s), and for the
+    per-snapshot statistics of its state arrays (``[n, v_head]`` each)."""
+    out = {a.name: ArrayStats.for_array(a.name, a.dims, a.shape[1:]) for a in specs
+           if a.stream == "token" and wants_stats(a.name, a.dims)}
+    for a in specs:
+        if a.stream == "state":
+            for statistic in STATE_STATISTICS:
+                out[state_stat_key(a.name, statistic)] = ArrayStats(a.shape[1], 1, a.dims[1])
+    return out
 
 
 def to_json(stats: dict[str, ArrayStats]) -> dict:

@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ..catalogue import ATTENTION_MATRIX, MODEL, HookSpec
-from ..dtypes import STORAGE_DTYPES, hook_dtype
+from ..catalogue import ATTENTION_MATRIX, MODEL, STATE, HookSpec
+from ..dtypes import STATE_DTYPE, STORAGE_DTYPES, hook_dtype
 from ..errors import GdnDumpError, RunFailure
 from ..model.load import torch_dtype
 from ..ops.stats_device import batch_stats
@@ -36,7 +36,7 @@ class CapturedBatch:
     prompts: list[int]  # store indices of the batch's prompts, in row order
     lengths: list[int]  # tokens of each prompt (all at least 1)
     tokens: np.ndarray  # [n_rows] int32, prompt after prompt
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]; states: [n_states, ...]
     dtypes: dict[str, str] = field(default_factory=dict)
     matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> [H, L, L] each
     count_keys: list[tuple[str, str]] = field(default_factory=list)  # (OVERFLOW | NONFINITE, hook)
@@ -45,6 +45,8 @@ class CapturedBatch:
     residuals: dict[str, list[float]] = field(default_factory=dict)  # name -> per prompt
     empty: list[int] = field(default_factory=list)  # prompts without tokens, riding along
     stat_values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [H, K] moments (CUDA)
+    # state array name -> (norm, effective rank) [n_states, H] of each snapshot, host (after wait)
+    state_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     width: int = 0  # padded length of the batch that ran (its padding: width * len(lengths) - rows)
 
     def wait(self) -> None:
@@ -88,22 +90,29 @@ class Capture:
     """Runs prefill on padded batches and collects the selected hooks."""
 
     def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device,
-                 attention=None, stats: dict | None = None):
+                 attention=None, stats: dict | None = None, states=None,
+                 state_dtype: str = STATE_DTYPE):
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
         self.attention = attention  # an attn_capture.AttentionCapture, or None
+        self.states = states  # a state_capture.StateCapture, or None
         # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
         # (see stats_device) instead of on the host; None: the host computes them
         self.stats = stats or {}
-        self.dtypes = {h.name: hook_dtype(h.scalar, storage_dtype) for h in hooks}
+        self.dtypes = {h.name: state_dtype if h.kind == STATE else hook_dtype(h.scalar, storage_dtype)
+                       for h in hooks}
         attn_layers = [a.layer for a in attention.layers] if attention else []
         self.stop_at_layer = _stop_layer(hooks, attn_layers)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self._fwd_hooks = [(h.name, self._hook_fn(h)) for h in hooks]
+        # the state hook never fires (TransformerLens fires it only on its eager scan): the
+        # snapshots come from StateCapture's hooks on the layer's inputs
+        self._fwd_hooks = [(h.name, self._hook_fn(h)) for h in hooks if h.kind != STATE]
         if attention is not None:
             self._fwd_hooks += attention.fwd_hooks()
+        if states is not None:
+            self._fwd_hooks += states.fwd_hooks()
         self._index: torch.Tensor | None = None
         self._lengths: list[int] = []
         self._batch: CapturedBatch | None = None
@@ -124,10 +133,17 @@ class Capture:
         self._batch = CapturedBatch(list(range(batch_size)) if prompts is None else list(prompts),
                                     list(lengths), tokens, dtypes=self.dtypes, width=width)
         self._counts = []
+        if self.states is not None:
+            self.states.start(lengths, self.device)
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
                         return_type=None, stop_at_layer=self.stop_at_layer)
         batch, self._batch = self._batch, None
+        if self.states is not None:
+            try:
+                self._keep_states(batch, self.states.finish())
+            except KeyError as exc:
+                raise RunFailure(f"hook {exc} did not fire; the state snapshots need it") from None
         missing = [h.name for h in self.hooks if h.name not in batch.rows and h.name not in batch.matrices]
         if missing:
             raise RunFailure(
@@ -149,8 +165,18 @@ class Capture:
     def reset(self) -> None:
         """Drop a failed batch's state (its captured rows, index and overflow counts)."""
         self._batch, self._index, self._counts = None, None, []
-        if self.attention is not None:
-            self.attention.reset()
+        for part in (self.attention, self.states):
+            if part is not None:
+                part.reset()
+
+    def _keep_states(self, batch: CapturedBatch, done: dict) -> None:
+        """The snapshots as rows of their arrays, cast and counted like any hook's rows."""
+        for name, (states, stats) in done.items():
+            cast = states.to(torch_dtype(self.dtypes[name]))
+            self._count_values(name, states, cast)
+            batch.rows[name] = self._to_host(cast)
+            if stats is not None:
+                batch.state_stats[name] = tuple(self._to_host(s) for s in stats)
 
     def _hook_fn(self, spec: HookSpec):
         if spec.kind == ATTENTION_MATRIX:

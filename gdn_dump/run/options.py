@@ -12,10 +12,11 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from ..catalogue import MATRIX_METHODS, MATRIX_MODES
-from ..dtypes import MODEL_DTYPES, PRECISIONS, STORAGE_DTYPES, check
+from ..dtypes import MODEL_DTYPES, PRECISIONS, STATE_DTYPES, STORAGE_DTYPES, check
 from ..errors import GdnDumpError
 from ..model.kernels import KERNEL_CHOICES
 from ..store.create import COMPRESSORS
+from ..store.layout import state_stride
 from ..store.location import locate
 from ..store.writer import WRITERS
 from .prompts import ENCODING_ERRORS
@@ -70,6 +71,10 @@ class ExtractOptions:
     checkpoint_every: float = 60.0  # seconds between progress records (at unit boundaries)
     fail_on_nonfinite: bool = False  # stop at the first batch with NaN/inf in a hook
     stats: bool = True  # per-head statistics of every stored array, computed while writing
+    # snapshots of the recurrent state (hook ssm_state): a stride in tokens or "final"; None: the
+    # default stride, and no error when no state hook is selected
+    state_every: int | str | None = None
+    state_dtype: str | None = None  # None: float32
 
 
 
@@ -91,6 +96,10 @@ def _validate(opts: ExtractOptions) -> None:
         ("--encoding-errors", opts.encoding_errors, ENCODING_ERRORS),
     ):
         check(option, value, choices)
+    if opts.state_every is not None:
+        state_stride(opts.state_every)
+    if opts.state_dtype is not None:
+        check("--state-dtype", opts.state_dtype, STATE_DTYPES)
     if opts.model_dtype not in (None, "auto"):
         check("--model-dtype", opts.model_dtype, MODEL_DTYPES)
     if opts.writer == "tensorstore" and importlib.util.find_spec("tensorstore") is None:

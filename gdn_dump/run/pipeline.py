@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import RunFailure, Terminated
 from ..model.load import LoadedModel, catalogue, load_config, load_model, load_tokenizer, resolve_model_dtype
+from ..dtypes import STATE_DTYPE
 from ..ops.stats import for_arrays
 from ..store.create import ATTR, COMPLETE, FAILED
 from ..store.finalize import finalize
@@ -23,13 +24,14 @@ from ..store.tally import Tally
 from ..store.writer import RowWriter
 from .attn_capture import AttentionCapture
 from .capture import Capture
+from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
 from .result import ExtractResult, Reporter
 from .plan import check_free_space, plan_run, plan_units, window_tokens
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner
 from .session import (Clock, ProgressRecorder, Session, Start, decide, fault, fingerprint,
-                      open_session, peak_rss, resumable, signals_as_exceptions)
+                      open_session, peak_rss, resumable, signals_as_exceptions, state_provenance)
 from .sink import BatchSink, UnitEnd
 from .split import Barrier, WorkSplit, detect_split, device_for
 from .tokens import tokenized
@@ -129,9 +131,9 @@ def run_region(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: Pro
                session: Session, reporter: Reporter) -> RegionWork:
     """Capture and write the units of this process's region, from ``session.resume_from`` on."""
     first, hi = session.resume_from, session.hi
-    start_row = int(plan.prompt_starts[first]) if first < plan.n_prompts else plan.n_rows
-    writer = RowWriter(session.group, plan.arrays, start_row=start_row, start_prompt=first,
-                       engine=opts.writer)
+    starts = plan.start_rows(first)
+    start_row = starts["token"]
+    writer = RowWriter(session.group, plan.arrays, starts=starts, engine=opts.writer)
     recorder = ProgressRecorder(session, plan)
     before = session.resumed_tally()
     sink = BatchSink(writer, plan, start_prompt=first, recorder=recorder,
@@ -186,8 +188,12 @@ def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
     attention = (AttentionCapture(plan.matrices, mode=opts.attn_mode, method=opts.attn_method,
                                   precision=opts.attn_precision) if plan.matrices else None)
     on_device = opts.stats and stats_on_device(model.device)
+    states = plan.states
+    state_specs = [a.hook for a in states.arrays] if states is not None else []
     return Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device, attention,
-                   stats=for_arrays(plan.arrays) if on_device else None)
+                   stats=for_arrays(plan.arrays) if on_device else None,
+                   states=StateCapture(state_specs, states.stride, opts.stats) if state_specs else None,
+                   state_dtype=states.dtype if states is not None else STATE_DTYPE)
 
 
 def _pad_id(tokenizer) -> int:
@@ -240,6 +246,7 @@ def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
         if plan.matrices else None,
         "max_batch_tokens": opts.max_batch_tokens,
         "sort_window_bytes": opts.sort_window_bytes,
+        "states": state_provenance(plan),
         "processes": {"count": split.count, "launcher": split.launcher,
                       "regions": [list(r) for r in plan.regions]},
     }

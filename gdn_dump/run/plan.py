@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..catalogue import Catalogue
-from ..errors import GdnDumpError
-from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, prompt_chunk
+from ..catalogue import STATE, Catalogue
+from ..dtypes import STATE_DTYPE
+from ..errors import GdnDumpError, SelectionError
+from ..store.layout import (DEFAULT_STATE_EVERY, Plan, bytes_per_token, format_bytes, make_plan,
+                            prompt_chunk, state_stride)
 from ..store.location import Location
 from .options import ExtractOptions
 from .prompts import PromptSource
@@ -30,10 +32,12 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     matrices = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
                 if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices))
+    state_every, state_dtype = state_options(opts, any(h.kind == STATE for h in hooks))
     lengths, truncated, skipped = prompt_lengths(opts, tokenizer, source)
     regions = None
     if processes > 1:
-        window = window_tokens(opts, bytes_per_token(hooks, opts.dtype))
+        window = window_tokens(opts, bytes_per_token(hooks, opts.dtype, state_stride(state_every),
+                                                     state_dtype))
         cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths))
         starts = [min(p for batch in unit for p, _ in batch)
                   for unit in plan_units(opts, lengths, window, cut_every)]
@@ -41,9 +45,24 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     plan = make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
                      shard_tokens=opts.shard_tokens, max_length=opts.max_length,
                      truncated=truncated, skipped=skipped, matrices=matrices,
-                     attn_mode=opts.attn_mode, regions=regions)
+                     attn_mode=opts.attn_mode, regions=regions, state_every=state_every,
+                     state_dtype=state_dtype)
     check_budget(plan, opts.max_attn_bytes)
     return plan
+
+
+def state_options(opts: ExtractOptions, states: bool) -> tuple[int | str, str]:
+    """``--state-every`` and ``--state-dtype`` with their defaults; refused when given without a
+    state hook (a stride that stores nothing is a mistake, not a no-op)."""
+    if not states:
+        given = [o for o, v in (("--state-every", opts.state_every),
+                                ("--state-dtype", opts.state_dtype)) if v is not None]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise SelectionError(f"{' and '.join(given)} {verb} the state hook: add ssm_state to "
+                                 "--hooks (e.g. --hooks default,ssm_state)")
+    every = DEFAULT_STATE_EVERY if opts.state_every is None else opts.state_every
+    return every, opts.state_dtype or STATE_DTYPE
 
 
 def prompt_lengths(opts: ExtractOptions, tokenizer, source: PromptSource

@@ -24,7 +24,7 @@ import zarr
 from ..errors import StoreError, Terminated
 from ..ops.stats import ArrayStats, for_arrays, from_json, to_json
 from ..store.create import ATTR, COMPLETE, check_out, create_store, open_group
-from ..store.layout import Plan
+from ..store.layout import STATE_FINAL, Plan
 from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready, write_record
 from ..store.location import Location, locate
 from ..store.tally import Tally
@@ -96,8 +96,20 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
         "chunks": {a.name: [list(a.chunks), list(a.shards) if a.shards else None] for a in plan.arrays},
         "batch_size": opts.batch_size, "max_batch_tokens": opts.max_batch_tokens,
         "sort_window_bytes": opts.sort_window_bytes,
+        "states": state_provenance(plan),
         "processes": split.count,
     }
+
+
+def state_provenance(plan: Plan) -> dict | None:
+    """What the state snapshots are: the stride (``final``: the last token only), the dtype and
+    how many; None without states."""
+    states = plan.states
+    if states is None:
+        return None
+    return {"every": states.stride if states.stride is not None else STATE_FINAL,
+            "dtype": states.dtype, "n_snapshots": states.n_states,
+            "layers": [a.hook.layer for a in states.arrays]}
 
 
 def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: WorkSplit,
@@ -171,6 +183,7 @@ class ProgressRecorder:
         session.location.sync()
         write_record(session.group, session.region, {
             "prompts": [session.lo, session.hi], "rows": list(self.plan.region_rows(session.region)),
+            "states": list(self.plan.region_states(session.region)),
             "resume_from": resume_from, "done": done,
             "tokens": int(self.plan.prompt_lengths[session.lo:resume_from].sum()),
             "tally": tally.to_json(), "peak_rss": peak_rss(),

@@ -22,7 +22,7 @@ from .capture import NONFINITE, OVERFLOW, CapturedBatch
 from .session import Clock
 from ..errors import RunFailure
 from ..store.layout import Plan
-from ..ops.stats import ArrayStats, for_arrays, snapshot
+from ..ops.stats import STATE_STATISTICS, ArrayStats, for_arrays, snapshot, state_stat_key
 from ..ops.stats_device import merge_packed
 from ..store.tally import Tally
 from ..store.writer import BackgroundWorker, RowWriter
@@ -51,6 +51,7 @@ class _Ready:
     start: int  # first row of the prompt in ``held.rows``
     stop: int
     residuals: dict[str, float]
+    states: tuple[int, int] = (0, 0)  # its snapshot rows in ``held.rows`` of the state arrays
 
 
 class BatchSink(BackgroundWorker):
@@ -73,6 +74,8 @@ class BatchSink(BackgroundWorker):
         self._last_checkpoint = time.monotonic()
         self.fail_on_nonfinite = fail_on_nonfinite
         self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
+        self.state_arrays = [a.name for a in plan.arrays if a.stream == "state"]
+        self.state_counts = plan.states.counts if plan.states is not None else None
         self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
         self.residual_arrays = {a.name: a.residual_name for a in plan.matrices
                                 if a.has_residual(plan.attn_mode)}
@@ -102,12 +105,16 @@ class BatchSink(BackgroundWorker):
         for name, moments in batch.stat_values.items():  # the batch's rows: all stored by the
             if name in self.stats:                        # next unit end, before its snapshot
                 merge_packed(self.stats[name], moments.numpy())
+        self._state_stats(batch)
         self.held_bytes += held.nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         offsets = np.concatenate([[0], np.cumsum(batch.lengths)]).tolist()
+        counts = self.state_counts[batch.prompts] if self.state_counts is not None else [0] * len(batch.prompts)
+        states = np.concatenate([[0], np.cumsum(counts)]).tolist()
         for i, prompt in enumerate(batch.prompts):
             residuals = {name: values[i] for name, values in batch.residuals.items()}
-            self._ready[prompt] = _Ready(held, offsets[i], offsets[i + 1], residuals)
+            self._ready[prompt] = _Ready(held, offsets[i], offsets[i + 1], residuals,
+                                         (states[i], states[i + 1]))
         for prompt in batch.empty:  # an empty prompt has nothing to reproduce
             self._ready[prompt] = _Ready(None, 0, 0, {name: 0.0 for name in self.residual_arrays})
         for name, matrices in batch.matrices.items():  # regions: written in any order
@@ -133,12 +140,24 @@ class BatchSink(BackgroundWorker):
                     self.writer.append(name, held.rows[name][rows])
                     if name in self.stats and not held.stats_done:
                         self.stats[name].accumulate(held.rows[name][rows])
+                snapshots = slice(first.states[0], run[-1].states[1])
+                for name in self.state_arrays:
+                    self.writer.append(name, held.rows[name][snapshots])
                 held.remaining -= len(run)
                 if held.remaining == 0:
                     self.held_bytes -= held.nbytes
                     held.rows = {}
             for matrix, residual in self.residual_arrays.items():
                 self.writer.append(residual, np.array([r.residuals[matrix] for r in run]))
+
+    def _state_stats(self, batch: CapturedBatch) -> None:
+        """Norm and effective rank of each snapshot, per head: every snapshot of the batch is
+        stored by the next unit end, before its snapshot of the statistics (as for the rows)."""
+        for name, values in batch.state_stats.items():
+            for statistic, per_head in zip(STATE_STATISTICS, values):
+                key = state_stat_key(name, statistic)
+                if key in self.stats:
+                    self.stats[key].accumulate(per_head.numpy())
 
     def _unit_end(self, end: UnitEnd) -> None:
         if self.next_prompt != end.prompt or self._ready:

@@ -18,7 +18,8 @@ import zarr
 
 from ..errors import RunFailure, StoreError
 from .bfloat16 import zarr_dtype
-from .layout import INDEX_ARRAYS, ArraySpec, Plan, format_bytes, index_chunks
+from .layout import (INDEX_ARRAYS, STATE_INDEX_ARRAYS, STATE_POSITION, ArraySpec, Plan, format_bytes,
+                     index_chunks)
 from .location import Location, locate
 
 ATTR = "gdn_dump"
@@ -102,18 +103,40 @@ def _create(loc: Location, plan: Plan, provenance: dict, compressors, prompt_ids
     for spec in plan.arrays:
         _create_array(group, spec, compressors)
     n, chunk = plan.n_prompts, index_chunks(plan.n_prompts)
-    for name, values in (("prompt_start", plan.prompt_starts), ("prompt_length", plan.prompt_lengths)):
+    index = {"prompt_start": plan.prompt_starts, "prompt_length": plan.prompt_lengths}
+    if plan.states is not None:
+        index.update(state_start=plan.states.starts, state_count=plan.states.counts)
+    for name, values in index.items():
         arr = group.create_array(name, shape=(n,), chunks=(chunk,),
-                                 dtype=checked_dtype(name, INDEX_ARRAYS[name]),
+                                 dtype=checked_dtype(name, {**INDEX_ARRAYS, **STATE_INDEX_ARRAYS}[name]),
                                  dimension_names=["prompt"], compressors=compressors,
                                  config={"write_empty_chunks": True})
         arr[:] = values
+    if plan.states is not None:
+        _create_state_positions(group, plan, compressors)
     # Ids are data (vlen-utf8 strings), never paths: nothing is named after them.
     ids = group.create_array("prompt_id", shape=(n,), chunks=(chunk,),
                              dtype=checked_dtype("prompt_id", str),
                              dimension_names=["prompt"], config={"write_empty_chunks": True})
     _write_streamed(ids, prompt_ids, chunk)
     return group
+
+
+def _create_state_positions(group: zarr.Group, plan: Plan, compressors) -> None:
+    """``state_position`` [n_states]: known from the lengths and the stride alone, so written here,
+    a block of prompts at a time (memory bounded by the block, not by the store); -1 on gap rows."""
+    states = plan.states
+    chunk = index_chunks(states.n_states)
+    arr = group.create_array(STATE_POSITION, shape=(states.n_states,), chunks=(chunk,),
+                             dtype=checked_dtype(STATE_POSITION, STATE_INDEX_ARRAYS["state_start"]),
+                             dimension_names=["state"], compressors=compressors, fill_value=-1,
+                             config={"write_empty_chunks": True})
+    for lo, hi in plan.regions:
+        for first in range(lo, hi, chunk):
+            last = min(first + chunk, hi)
+            row, stop = states.rows(first, last)
+            if stop > row:
+                arr[row:stop] = states.positions(plan.prompt_lengths, first, last)
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, compressors) -> zarr.Array:

@@ -14,7 +14,7 @@ import zarr
 
 from ..catalogue import is_residual, layer_of, matrix_name
 from ..errors import RunFailure
-from ..ops.stats import merged
+from ..ops.stats import merged, split_stat_key
 from .create import ATTR, COMPLETE, FAILED, set_status
 from .ledger import ready_info, region_status
 from .provenance import now_iso
@@ -87,9 +87,16 @@ def _write_stats(group: zarr.Group, records: list[dict]) -> dict[str, dict]:
     states = [r.get("stats") or {} for r in with_rows]
     names = set.intersection(*(set(s) for s in states)) if states else set()
     total = merged({name: state[name] for name in names} for state in states)
-    summary = {}
-    for name, stats in sorted(total.items()):
-        if name in group:
+    summary, state_stats = {}, {}
+    for key, stats in sorted(total.items()):
+        name, statistic = split_stat_key(key)
+        if name not in group:
+            continue
+        if statistic is None:
             group[name].attrs.update({"stats": stats.result()})
-            summary[name] = stats.summary()
+        else:  # a state array: per head, over its snapshots
+            state_stats.setdefault(name, {})[statistic] = stats.result()
+        summary[key] = stats.summary()
+    for name, values in state_stats.items():
+        group[name].attrs.update({"state_stats": values})
     return summary

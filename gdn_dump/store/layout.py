@@ -4,6 +4,10 @@ Token layout: prompt p owns rows ``prompt_start[p] : prompt_start[p] + prompt_le
 per-token array, in file order. Chunk lengths along the token axis are powers of two, so the
 longest chunk of a store is a multiple of every other: aligning work to it aligns it to all.
 The arrays and their dimension names are the store contract (DESIGN.md section 4).
+
+State layout: the snapshots of S_t (``--state-every``) are rows of a second axis, ``state``, laid
+out the same way: prompt p owns rows ``state_start[p] : state_start[p] + state_count[p]`` of every
+state array, in position order, and each region's first state row is aligned to the state chunks.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..catalogue import ATTENTION_MATRIX, HookSpec, MatrixSpec
-from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STORAGE_DTYPES, TOKEN_DTYPE,
-                      check, hook_dtype, itemsize)
+from ..catalogue import ATTENTION_MATRIX, PER_TOKEN, STATE, HookSpec, MatrixSpec
+from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STATE_DTYPE, STATE_DTYPES,
+                      STORAGE_DTYPES, TOKEN_DTYPE, check, hook_dtype, itemsize)
 from ..errors import GdnDumpError
 
 TARGET_CHUNK_BYTES = 4 << 20
@@ -23,6 +27,8 @@ MAX_CHUNK_TOKENS = 1 << 20
 PROMPT_CHUNK = 1024  # per-prompt arrays (attention residuals)
 ATTENTION_TILE = 256
 INDEX_CHUNK = 1 << 16  # prompt_start, prompt_length, prompt_id
+STATE_FINAL = "final"  # --state-every final: a snapshot after each prompt's last token only
+DEFAULT_STATE_EVERY = 64  # one chunk of the chunked kernels (fla's chunk states fall on it)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class ArraySpec:
     dims: tuple[str, ...]
     hook: HookSpec | None = None
     attrs: dict = field(default_factory=dict, hash=False, compare=False)
-    stream: str | None = "token"  # rows arrive in order along "token" or "prompt"; None: regions
+    stream: str | None = "token"  # rows arrive in order along "token", "prompt" or "state"; None: regions
     shards: tuple[int, ...] | None = None  # zarr sharding codec: chunks grouped into shard files
 
     @property
@@ -73,6 +79,7 @@ class Plan:
     attn_mode: str = "exact"
     regions: list[tuple[int, int]] = field(default_factory=list)  # prompts [lo, hi) per process
     skipped: int = 0  # prompts over max_length stored without tokens (--on-long skip)
+    states: StateLayout | None = None  # the snapshot rows, when a state hook is selected
 
     def region_rows(self, region: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` owned by ``region`` (its first row is chunk aligned)."""
@@ -80,6 +87,22 @@ class Plan:
         if lo == hi:
             return (0, 0)
         return int(self.prompt_starts[lo]), int(self.prompt_starts[hi - 1] + self.prompt_lengths[hi - 1])
+
+    def region_states(self, region: int) -> tuple[int, int]:
+        """State rows ``[lo, hi)`` owned by ``region`` (``(0, 0)`` without states)."""
+        lo, hi = self.regions[region]
+        if self.states is None or lo == hi:
+            return (0, 0)
+        return self.states.rows(lo, hi)
+
+    def start_rows(self, prompt: int) -> dict[str, int]:
+        """The first row of ``prompt`` along each row axis (``token``, ``state``, ``prompt``):
+        where writing starts when a run starts (or resumes) at ``prompt``."""
+        token = int(self.prompt_starts[prompt]) if prompt < self.n_prompts else self.n_rows
+        starts = {"token": token, "prompt": prompt}
+        if self.states is not None:
+            starts["state"] = self.states.start_row(prompt)
+        return starts
 
     @property
     def prompt_chunk(self) -> int | None:
@@ -105,14 +128,18 @@ class Plan:
 
     @property
     def bytes_per_token(self) -> int:
-        return bytes_per_token(self.hooks, self.storage_dtype)
+        states = self.states
+        return bytes_per_token(self.hooks, self.storage_dtype, states.stride if states else None,
+                               states.dtype if states else STATE_DTYPE)
 
 
-def bytes_per_token(hooks: list[HookSpec], storage_dtype: str) -> int:
-    """Bytes of one token row over ``tokens`` and every per-token hook (what sorting windows and
-    the reorder buffer are measured in)."""
-    return itemsize(TOKEN_DTYPE) + sum(_row_bytes(h, storage_dtype) for h in hooks
-                                       if h.kind != ATTENTION_MATRIX)
+def bytes_per_token(hooks: list[HookSpec], storage_dtype: str, state_stride: int | None = None,
+                    state_dtype: str = STATE_DTYPE) -> int:
+    """Bytes of one token row over ``tokens`` and every per-token hook, plus a stride's share of
+    each state snapshot (what sorting windows and the reorder buffer are measured in)."""
+    per_token = sum(_row_bytes(h, storage_dtype) for h in hooks if h.kind == PER_TOKEN)
+    states = sum(_row_bytes(h, state_dtype) for h in hooks if h.kind == STATE)
+    return itemsize(TOKEN_DTYPE) + per_token + (states // state_stride if state_stride else 0)
 
 
 def prompt_chunk(matrices: list[MatrixSpec], attn_mode: str, n_prompts: int) -> int | None:
@@ -137,6 +164,8 @@ def make_plan(
     attn_mode: str = "exact",
     shard_tokens: int | None = None,
     regions: list[tuple[int, int]] | None = None,
+    state_every: int | str = DEFAULT_STATE_EVERY,
+    state_dtype: str = STATE_DTYPE,
 ) -> Plan:
     check("--dtype", storage_dtype, STORAGE_DTYPES)
     for option, value in (("--chunk-tokens", chunk_tokens), ("--shard-tokens", shard_tokens)):
@@ -144,7 +173,7 @@ def make_plan(
             raise GdnDumpError(f"{option} must be at least 1, not {value}")
     lengths = np.asarray(prompt_lengths, dtype=np.int64)
     rows = _RowLayout(int(lengths.sum()), chunk_tokens, shard_tokens, target_chunk_bytes)
-    per_token = [h for h in hooks if h.kind != ATTENTION_MATRIX]
+    per_token = [h for h in hooks if h.kind == PER_TOKEN]
     write_units = [rows.write_rows(itemsize(TOKEN_DTYPE))]
     write_units += [rows.write_rows(_row_bytes(h, storage_dtype)) for h in per_token]
     regions = list(regions) if regions else [(0, len(lengths))]
@@ -153,8 +182,14 @@ def make_plan(
                         **rows.layout(itemsize(TOKEN_DTYPE), ()))]
     arrays += _hook_arrays(hooks, n_rows, len(lengths), lengths, storage_dtype, rows)
     arrays += _matrix_arrays(list(matrices), attn_mode, lengths)
+    state_hooks = [h for h in hooks if h.kind == STATE]
+    states = None
+    if state_hooks:
+        states = _state_layout(state_hooks, lengths, regions, state_stride(state_every), state_dtype,
+                               target_chunk_bytes)
+        arrays += states.arrays
     return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
-                list(matrices), attn_mode, regions, skipped)
+                list(matrices), attn_mode, regions, skipped, states)
 
 
 class _RowLayout:
@@ -186,13 +221,17 @@ class _RowLayout:
 
 
 def _row_bytes(hook: HookSpec, storage_dtype: str) -> int:
-    return int(np.prod(hook.shape, dtype=np.int64)) * itemsize(hook_dtype(hook.scalar, storage_dtype))
+    """Bytes of one row of ``hook`` (a state hook's rows are in ``storage_dtype`` itself)."""
+    dtype = storage_dtype if hook.kind == STATE else hook_dtype(hook.scalar, storage_dtype)
+    return int(np.prod(hook.shape, dtype=np.int64)) * itemsize(dtype)
 
 
 def _hook_arrays(hooks, n_rows, n_prompts, lengths, storage_dtype, rows: _RowLayout) -> list[ArraySpec]:
     l_max = int(lengths.max()) if len(lengths) else 0
     arrays = []
     for hook in hooks:
+        if hook.kind == STATE:
+            continue  # rows of the state axis: see _state_layout
         if hook.kind == ATTENTION_MATRIX:
             kind = "softmax" if hook.name.endswith("hook_pattern") else "softmax_scores"
             arrays.append(_matrix_spec(hook.name, n_prompts, hook.shape[0], hook.dims[0], l_max,
@@ -243,12 +282,92 @@ def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: 
                      ("prompt", head_dim, "query", "key"), hook, attrs, stream=None)
 
 
+# ---- states: snapshots of S_t along the "state" axis ------------------------------------------
+
+
+
+def state_stride(every: int | str) -> int | None:
+    """``--state-every``: a stride ``N >= 1`` (a snapshot after every t with (t + 1) % N == 0 and
+    after the last token), or ``final`` (None: after the last token only)."""
+    if isinstance(every, str) and every.strip().lower() == STATE_FINAL:
+        return None
+    try:
+        stride = int(every)
+    except (TypeError, ValueError):
+        stride = 0
+    if stride < 1 or str(every).strip() != str(stride):
+        raise GdnDumpError(f"--state-every must be a number of tokens (at least 1) or "
+                           f"'{STATE_FINAL}', not {every!r}")
+    return stride
+
+
+def state_positions(length: int, stride: int | None) -> np.ndarray:
+    """``[n]`` int64: the positions t (0-based) of a prompt of ``length`` tokens after which a
+    snapshot is taken; none for an empty prompt."""
+    if length <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if stride is None:
+        return np.array([length - 1], dtype=np.int64)
+    positions = np.arange(stride - 1, length, stride, dtype=np.int64)
+    if not len(positions) or positions[-1] != length - 1:
+        positions = np.append(positions, length - 1)
+    return positions
+
+
+def state_counts(lengths: np.ndarray, stride: int | None) -> np.ndarray:
+    """``[n_prompts]`` int64: snapshots of each prompt (``len(state_positions(L, stride))``)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if stride is None:
+        return (lengths > 0).astype(np.int64)
+    return -(-lengths // stride)
+
+
+@dataclass
+class StateLayout:
+    """The state axis of a store: which snapshot rows each prompt owns, and the state arrays."""
+
+    stride: int | None  # None: the last token only
+    dtype: str
+    starts: np.ndarray  # [n_prompts] int64 (state_start)
+    counts: np.ndarray  # [n_prompts] int64 (state_count)
+    n_states: int
+    arrays: list[ArraySpec]
+
+    def start_row(self, prompt: int) -> int:
+        return int(self.starts[prompt]) if prompt < len(self.starts) else self.n_states
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int]:
+        """State rows ``[lo_row, hi_row)`` of prompts ``[lo, hi)`` (a region)."""
+        if lo >= hi:
+            return (0, 0)
+        return int(self.starts[lo]), int(self.starts[hi - 1] + self.counts[hi - 1])
+
+    def positions(self, lengths: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """``state_position`` of the rows of prompts ``[lo, hi)``, back to back."""
+        parts = [state_positions(int(n), self.stride) for n in lengths[lo:hi]]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _state_layout(hooks: list[HookSpec], lengths: np.ndarray, regions, stride: int | None,
+                  dtype: str, target_chunk_bytes: int) -> StateLayout:
+    check("--state-dtype", dtype, STATE_DTYPES)
+    counts = state_counts(lengths, stride)
+    rows = _RowLayout(int(counts.sum()), None, None, target_chunk_bytes)
+    align = math.lcm(*(rows.write_rows(_row_bytes(h, dtype)) for h in hooks))
+    starts, n_states = _region_layout(counts, regions, align)
+    arrays = [ArraySpec(h.name, (n_states, *h.shape), dtype, dims=(STATE, *h.dims), hook=h,
+                        stream=STATE, **rows.layout(_row_bytes(h, dtype), h.shape)) for h in hooks]
+    return StateLayout(stride, dtype, starts, counts, n_states, arrays)
+
+
 def index_chunks(n_prompts: int) -> int:
     """Chunk of the prompt index arrays (``prompt_start``, ``prompt_length``, ``prompt_id``)."""
     return max(1, min(n_prompts, INDEX_CHUNK))
 
 
 INDEX_ARRAYS = {"prompt_start": INDEX_DTYPE, "prompt_length": INDEX_DTYPE}
+STATE_INDEX_ARRAYS = {"state_start": INDEX_DTYPE, "state_count": INDEX_DTYPE}  # [n_prompts]
+STATE_POSITION = "state_position"  # [n_states] int64, -1 on rows no prompt owns
 
 
 def format_bytes(n: float) -> str:

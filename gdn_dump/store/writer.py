@@ -82,14 +82,16 @@ class RowWriter(BackgroundWorker):
     """
 
     def __init__(self, group: zarr.Group, arrays: list[ArraySpec], start_row: int = 0,
-                 max_pending: int = 8, engine: str = "zarr", start_prompt: int = 0):
+                 max_pending: int = 8, engine: str = "zarr", starts: dict[str, int] | None = None):
+        """``starts``: the first row to write along each row axis (``token``, ``prompt``,
+        ``state``; see :meth:`Plan.start_rows`); ``start_row`` alone: the token axis."""
+        starts = {"token": start_row, "prompt": 0, "state": 0, **(starts or {})}
         self._arrays = _open_for_writing(group, [spec.name for spec in arrays], engine)
         self._engine = engine
         self._pending: collections.deque = collections.deque()  # TensorStore write futures
         self._pool = _BufferPool()
         self._buffers: dict[str, _ChunkBuffer] = {
-            spec.name: _ChunkBuffer(spec, start_prompt if spec.stream == "prompt" else start_row,
-                                    self._pool)
+            spec.name: _ChunkBuffer(spec, starts[spec.stream], self._pool)
             for spec in arrays if spec.stream
         }
         self.bytes_written = 0  # bytes of the writes finished so far
