@@ -25,7 +25,10 @@ of ``--batch-size`` prompts:
   temporary directory; the whole call is timed (planning, store creation, capture, writing,
   finalising). ``extract+sync`` is the same run plus an ``os.sync()`` right after it, so the store
   is on disk, not only in the page cache. ``extract_stats``: the default run, with the per-head
-  statistics (on the CPU, float64 on the sink thread), to show their cost.
+  statistics (on the CPU, float64 on the sink thread), to show their cost. ``extract_states``: the
+  default run plus ``--hooks default,ssm_state --state-every 64`` (every GDN layer's S_t every 64
+  tokens, float32, with their norm and effective-rank statistics); its time over ``extract_stats``
+  is the cost of the states (target: at most 1.3x).
 - ``disk_dd``: a raw sequential write of the store's byte count (``plan.total_bytes``) into the same
   directory: 8 MiB blocks of random bytes generated once, ``os.write`` then ``fsync``, timed with
   the fsync: the disk bandwidth.
@@ -398,6 +401,10 @@ def main_case(args, tmp: Path, block: bytes) -> None:
             # the default run: plus the per-head statistics (on the CPU, the sink thread's float64)
             "extract_stats": lambda out: extract_synced(
                 lambda o: run_extract(model, prompts, o, args.batch_size, args.dtype), out),
+            # the default run plus the recurrent state of every GDN layer every 64 tokens
+            "extract_states": lambda out: extract_synced(
+                lambda o: run_extract(model, prompts, o, args.batch_size, args.dtype,
+                                      hooks="default,ssm_state", state_every=64), out),
         }
 
     for name, fn in contenders(warm_batches, warm_prompts, warm_plan.arrays).items():  # warm-up
@@ -415,6 +422,10 @@ def main_case(args, tmp: Path, block: bytes) -> None:
     print(f"extract+sync / bare_forward = {med['bare_forward'] / med['extract+sync']:.2f}")
     print(f"extract_stats / extract = {med['extract'] / med['extract_stats']:.2f} (the default "
           "per-head statistics on the CPU; --no-stats skips them, on a GPU they run on the device)")
+    states_ratio = med["extract_states"] / med["extract_stats"]
+    print(f"extract_states / extract_stats (time) = {states_ratio:.2f}  (target <= 1.30; target "
+          f"met: {'yes' if states_ratio <= 1.3 else 'NO'}; states every 64 tokens, float32, with "
+          "their norm / effective-rank statistics)")
     disk_lines(times, nbytes)
     check_same(tmp / "naive.zarr", tmp / "extract.zarr", hooks, token_lists)
     for name in timed:

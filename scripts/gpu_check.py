@@ -198,6 +198,45 @@ def extract_agreement(model, tmp: Path):
         f"the batch shape, compounded over the layers)")
 
 
+def states_agreement(model, tmp: Path, args):
+    """The state snapshots on CUDA (bfloat16 model, the chunked torch form on the device) against the
+    float64 per-token reference on the same forward's rows, and their cost next to the same run
+    without states."""
+    from gdn_dump import open_store
+    from gdn_dump.ops.states_reference import snapshot_states_naive
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
+
+    rng = np.random.default_rng(1)
+    prompts = tmp / "states.txt"
+    prompts.write_text("\n".join("".join(rng.choice(list("abcdefgh "), size=n))
+                                 for n in (5, 300, 777, 64, 1500, 2048)) + "\n")
+    opts = dict(model=model.name, prompts=str(prompts), dtype="float32", batch_size=3, overwrite=True)
+    extract(ExtractOptions(out=str(tmp / "states.zarr"), hooks="k,v,beta,log_decay,ssm_state",
+                           state_every=64, **opts), model=model)
+    store = open_store(tmp / "states.zarr")
+    worst = 0.0
+    for p in store.visible:
+        for layer in store.state_layers:
+            positions, states = store.states(p, layer)
+            rec = store.prompt(p)
+            rows = [torch.from_numpy(rec[f"blocks.{layer}.linear_attn.hook_{h}"])[None]
+                    for h in ("k", "v", "beta", "log_decay")]
+            pairs = torch.stack([torch.zeros_like(torch.from_numpy(positions)),
+                                 torch.from_numpy(positions)], 1)
+            ref = snapshot_states_naive(*rows, pairs, precision="float64")
+            worst = max(worst, rel(torch.from_numpy(states).double(), ref))
+    log(f"state snapshots on {model.device.type} (torch chunked form) vs the float64 per-token loop "
+        f"on the stored float32 rows: worst relative error {worst:.2e}")
+    times = {}
+    for label, hooks in (("default", None), ("default+states", "default,ssm_state")):
+        out = str(tmp / f"{label}.zarr")
+        times[label] = timed(lambda: extract(ExtractOptions(out=out, hooks=hooks, stats=True, **opts),
+                                             model=model), args.repeats, model.device)
+    log(f"extract with states every 64 / without: {times['default+states'] / times['default']:.2f}x "
+        f"time ({times['default']:.2f} s vs {times['default+states']:.2f} s)")
+
+
 def disk_write(tmp: Path, n_bytes: int) -> float:
     """Sequential write of ``n_bytes`` with one fsync at the end, in bytes/s (``dd`` with fsync)."""
     block = np.random.default_rng(2).bytes(64 << 20)
@@ -341,8 +380,8 @@ def main():
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a small model (dry run on the CPU)")
-    parser.add_argument("--stages", default="kernel,bridge,extract,speed,oom",
-                        help="comma-separated subset of kernel,bridge,extract,speed,oom")
+    parser.add_argument("--stages", default="kernel,bridge,extract,states,speed,oom",
+                        help="comma-separated subset of kernel,bridge,extract,states,speed,oom")
     args = parser.parse_args()
     device = torch.device(args.device)
     import transformers
@@ -363,6 +402,8 @@ def main():
         stage("bridge forward, active kernels vs torch", bridge_agreement, model, device)
     if "extract" in stages:
         stage("extract vs run_with_cache", extract_agreement, model, tmp)
+    if "states" in stages:
+        stage("state snapshots", states_agreement, model, tmp, args)
     if "speed" in stages:
         stage("speed", speed, model, tmp, args)
     if device.type == "cuda" and "oom" in stages:

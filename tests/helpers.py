@@ -88,10 +88,16 @@ def assert_same_prompts(reference, other) -> None:
     assert list(a["prompt_id"][:]) == list(b["prompt_id"][:])
     np.testing.assert_array_equal(a["prompt_length"][:], b["prompt_length"][:])
     starts_a, starts_b, lengths = a["prompt_start"][:], b["prompt_start"][:], a["prompt_length"][:]
+    axes = {"token": (starts_a, starts_b, lengths)}
+    if "state_start" in a:  # the state axis: each prompt's snapshots, wherever its rows are
+        np.testing.assert_array_equal(a["state_count"][:], b["state_count"][:])
+        axes["state"] = (a["state_start"][:], b["state_start"][:], a["state_count"][:])
     for name, arr in a.arrays():
-        if (arr.metadata.dimension_names or ("",))[0] != "token":
+        axis = (arr.metadata.dimension_names or ("",))[0]
+        if axis not in axes:
             continue
         x, y = arr[:], b[name][:]
-        for p, n in enumerate(lengths):
-            np.testing.assert_array_equal(x[starts_a[p]:starts_a[p] + n], y[starts_b[p]:starts_b[p] + n],
+        first_a, first_b, counts = axes[axis]
+        for p, n in enumerate(counts):
+            np.testing.assert_array_equal(x[first_a[p]:first_a[p] + n], y[first_b[p]:first_b[p] + n],
                                           err_msg=f"{name}, prompt {p}")

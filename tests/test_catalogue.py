@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn_dump.catalogue import ATTENTION_MATRIX, DEFAULT_HOOKS, GDN_HOOKS
+from gdn_dump.catalogue import ATTENTION_MATRIX, DEFAULT_HOOKS, GDN_HOOKS, STATE
 from gdn_dump.errors import SelectionError
 from gdn_dump.model.load import catalogue as catalogue_of
 
@@ -20,12 +20,35 @@ def test_every_entry_matches_the_bridge(tiny, catalogue):
     with torch.inference_mode():
         _, cache = tiny.bridge.run_with_cache(ids, use_cache=False)
     for spec in catalogue:
+        if spec.kind == STATE:
+            continue  # fires only on TransformerLens's eager scan: see the next test
         expected = (1, *spec.shape, 7, 7) if spec.kind == ATTENTION_MATRIX else (1, 7, *spec.shape)
         assert tuple(cache[spec.name].shape) == expected, spec.name
         assert len(spec.dims) == len(spec.shape)
     for name in cache.keys():  # every GDN interior hook of the bridge is in the catalogue
         if ".linear_attn.hook_" in name and "ssm" not in name and "linear_attn_" not in name:
             assert name in catalogue, name
+
+
+def test_the_state_hook_is_transformer_lens_eager_trajectory(tiny, catalogue):
+    """``hook_ssm_state`` fires only with ``eager_scan``: [B, T, H, d_k, d_v], one state per token."""
+    ids = torch.arange(7)[None] + 40
+    gdn = [tiny.bridge.blocks[layer].linear_attn for layer in catalogue.gdn_layers]
+    for component in gdn:
+        component.eager_scan = True
+    try:
+        with torch.inference_mode():
+            _, cache = tiny.bridge.run_with_cache(ids, use_cache=False)
+    finally:
+        for component in gdn:
+            component.eager_scan = False
+    states = [spec for spec in catalogue if spec.kind == STATE]
+    assert [s.layer for s in states] == catalogue.gdn_layers
+    for spec in states:
+        assert tuple(cache[spec.name].shape) == (1, 7, *spec.shape), spec.name
+        assert spec.dims == ("v_head", "d_k", "d_v")
+    assert [s.name for s in catalogue.select("ssm_state", "0,2")] == [states[0].name, states[2].name]
+    assert "ssm_state" not in {s.short for s in catalogue.select("all", None)}  # all: per-token hooks
 
 
 def test_dimension_names_have_one_length(catalogue):

@@ -134,12 +134,12 @@ def hooks(
     debug: o.Debug = False,
 ) -> None:
     """Print the hook catalogue: every storable hook with its per-token shape and layer type."""
-    from ..catalogue import GDN_HOOKS
+    from ..catalogue import GDN_HOOKS, STATE_HOOK
 
     load = _models("hooks", "gdn_dump.model.load")
     catalogue = load.catalogue(load.load_config(model, revision=revision,
                                                 trust_remote_code=trust_remote_code))
-    render.console().print(render.hooks_table(model, catalogue, GDN_HOOKS))
+    render.console().print(render.hooks_table(model, catalogue, [*GDN_HOOKS, STATE_HOOK]))
 
 
 @app.command(cls=o.Command)

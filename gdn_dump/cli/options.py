@@ -30,7 +30,7 @@ from ..read.figures import KINDS
 from ..run.prompts import ENCODING_ERRORS
 from ..run.tokens import ON_LONG
 from ..store.create import COMPRESSORS
-from ..store.layout import DEFAULT_STATE_EVERY, STATE_FINAL, state_stride
+from ..store.states import DEFAULT_STATE_EVERY, STATE_FINAL, state_stride
 from ..store.writer import WRITERS
 
 try:  # typer >= 0.2x carries its own copy of click

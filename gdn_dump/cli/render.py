@@ -224,6 +224,7 @@ def report_run(opts, result, *, quiet: bool, heatmaps: list | None = None, png=N
 
 def hooks_table(model: str, catalogue, short_names) -> Table:
     table = Table(title=f"hooks of {model} (short GDN names: {', '.join(short_names)})")
+    # "per-token shape": per snapshot for kind "state" (rows along the state axis)
     for column in ("hook", "short", "layer", "layer type", "per-token shape", "dims", "kind"):
         table.add_column(column, overflow="fold")
     for spec in catalogue:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..catalogue import MATRIX_METHODS
 from ..dtypes import PRECISIONS
 
-L2NORM_EPS = 1e-6  # transformers' l2norm (and fla's): x * rsqrt(sum x^2 + 1e-6)
+from .state_replay import L2NORM_EPS  # defined on the numpy side: readers replay without torch
 
 __all__ = [
     "expand_kv_heads",

@@ -17,11 +17,13 @@ import math
 
 import numpy as np
 
-from ..catalogue import matrix_layers, matrix_name, stored_layers
+from ..catalogue import matrix_layers, matrix_name, state_name, stored_layers
 from ..errors import GdnDumpError
+from ..ops.state_replay import effective_rank, frobenius_norm, singular_values
+from . import states
 from .reader import Store
 
-KINDS = ("decay", "beta", "attn", "norms")
+KINDS = ("decay", "beta", "attn", "norms", "state")
 LN_HALF = math.log(0.5)
 G_CEILING = -1e-30  # g >= 0 (no decay) is read as this: a finite, huge half-life (~7e29 tokens)
 MAX_SAMPLE_ROWS = 1 << 19  # rows per layer kept for quantiles (x heads x 8 bytes: 200 MB at 48 heads)
@@ -256,6 +258,52 @@ def attention_data(store, layer: int | None = None, head: int = 0, prompt: int =
             "prompt_id": str(store["prompt_id"][prompt]),
             "matrix": arr[prompt, heads.index(head), :n, :n],
             "tokens": np.asarray(store["tokens"][rows])}
+
+
+def state_data(store, layer: int | None = None, head: int | None = None,
+               prompt: int | None = None, block_bytes: int = BLOCK_BYTES) -> dict:
+    """The recurrent state of one prompt in one GDN layer (default: the first with states) along
+    its snapshots: ``{"positions": [n] int64, "norm", "rank": [n, heads]`` (Frobenius norm,
+    effective rank), ``"spectrum": [heads, min(d_k, d_v)]`` (singular values of the last
+    snapshot, largest first), ``"heads"``, ``"layer"``, ``"prompt"``, ``"prompt_id"``}. The
+    prompt is ``prompt`` or the first finished one with snapshots; ``head`` keeps that head only.
+    Snapshots are read a bounded block at a time."""
+    store = as_store(store)
+    if not states.has_states(store):
+        raise GdnDumpError(f"--kind state: the store has no recurrent states ({states.NO_STATES_HINT})")
+    layer = store.state_layers[0] if layer is None else layer
+    if layer not in store.state_layers:
+        raise GdnDumpError(f"--layer {layer} has no recurrent states in this store; layers with "
+                           f"them: {', '.join(map(str, store.state_layers))}")
+    arr = store[state_name(layer)]
+    _check_head(head, arr.shape[1], state_name(layer))
+    prompt = _state_prompt(store, prompt)
+    rows = states.snapshot_rows(store, prompt)
+    heads = list(range(arr.shape[1])) if head is None else [head]
+    step = max(1, block_bytes // max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize))
+    norm, rank = [], []
+    for lo in range(rows.start, rows.stop, step):
+        block = np.asarray(arr[lo:min(lo + step, rows.stop)])[:, heads]
+        norm.append(frobenius_norm(block))
+        rank.append(effective_rank(block))
+    return {"layer": layer, "prompt": prompt, "prompt_id": store.prompt_ids[prompt], "heads": heads,
+            "positions": np.asarray(store[states.STATE_POSITION][rows], dtype=np.int64),
+            "norm": np.concatenate(norm), "rank": np.concatenate(rank),
+            "spectrum": singular_values(np.asarray(arr[rows.stop - 1])[heads])}
+
+
+def _state_prompt(store: Store, prompt: int | None) -> int:
+    """``prompt`` checked (finished, with snapshots), or the first finished prompt with some."""
+    counts = store.state_index.count
+    if prompt is None:
+        having = [int(p) for p in store.visible if counts[p] > 0]
+        if not having:
+            raise GdnDumpError("no finished prompt has state snapshots to plot")
+        return having[0]
+    _check_prompt(store, prompt)
+    if counts[prompt] == 0:
+        raise GdnDumpError(f"--prompt {prompt} has no state snapshots (it has no stored tokens)")
+    return prompt
 
 
 def _ranges(values: list[int]) -> str:

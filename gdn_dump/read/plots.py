@@ -1,5 +1,5 @@
 """Figures of a store (matplotlib, headless): attention heatmaps (``attn-matrix --png``) and the
-figures of ``gdn-dump plot`` (decay, beta, attn, norms; their data is in :mod:`gdn_dump.read.figures`).
+figures of ``gdn-dump plot`` (decay, beta, attn, norms, state; their data is in :mod:`gdn_dump.read.figures`).
 
 Drawn with matplotlib's object API (a ``Figure`` on its own Agg canvas), never through pyplot:
 plotting from a notebook leaves its backend, its open figures and pyplot's state as they were.
@@ -142,6 +142,9 @@ def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, h
     if kind == "attn":
         data = figures.attention_data(store, layer, 0 if head is None else head, 0 if prompt is None else prompt)
         draw_attention(data, store.tokenizer, out, size, dpi, fmt)
+    elif kind == "state":
+        data = figures.state_data(store, layer, head, prompt)
+        draw_states(data, out, size, dpi, fmt, name)
     elif kind == "norms":
         data = figures.norm_profile(store, hook, layer, head, prompt)
         _need_rows({"rows": int(data["count"].sum())}, prompt)
@@ -271,6 +274,37 @@ def draw_norms(data, path, size, dpi, fmt, title) -> None:
     ax.set_zorder(count.get_zorder() + 1)  # the lines above the count
     ax.patch.set_visible(False)
     ax.legend(fontsize=7, ncol=max(1, len(data["labels"]) // 12), loc="upper right")
+    _save(fig, path, fmt)
+
+
+def draw_states(data, path, size, dpi, fmt, name) -> None:
+    """Three panels: per head, the Frobenius norm and the effective rank of S_t along the
+    snapshot positions, and the singular values of the last snapshot."""
+    fig = _figure(size, dpi)
+    norm_ax, rank_ax, spectrum_ax = fig.subplots(1, 3)
+    positions = data["positions"]
+    marker = "o" if len(positions) < 16 else None  # a few snapshots: show where they are
+    for i, head in enumerate(data["heads"]):
+        label = f"head {head}"
+        norm_ax.plot(positions, data["norm"][:, i], label=label, marker=marker, linewidth=1.2)
+        rank_ax.plot(positions, data["rank"][:, i], label=label, marker=marker, linewidth=1.2)
+        spectrum = data["spectrum"][i]
+        spectrum_ax.plot(np.arange(1, len(spectrum) + 1), spectrum, label=label, linewidth=1.2)
+    for ax, ylabel in ((norm_ax, "||S_t||_F"), (rank_ax, "effective rank of S_t")):
+        ax.set_xlabel("position t (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    norm_ax.set_title("Frobenius norm", fontsize=9)
+    rank_ax.set_title("effective rank exp(H(sigma / sum sigma))", fontsize=9)
+    spectrum_ax.set_yscale("log")
+    spectrum_ax.set_xlabel("index i")
+    spectrum_ax.set_ylabel("singular value sigma_i")
+    spectrum_ax.set_title(f"spectrum at t = {int(positions[-1])} (last snapshot)", fontsize=9)
+    spectrum_ax.grid(alpha=0.3)
+    if len(data["heads"]) <= 16:
+        rank_ax.legend(fontsize=7, ncol=max(1, len(data["heads"]) // 8))
+    fig.suptitle(f"recurrent state of layer {data['layer']}, prompt {data['prompt']} "
+                 f"(id {data['prompt_id']}, {len(positions)} snapshots)\n{name}", fontsize=9)
     _save(fig, path, fmt)
 
 

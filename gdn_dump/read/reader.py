@@ -22,10 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
+from ..catalogue import state_layers
 from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
 from ..store.create import ATTR, COMPLETE, open_group
+from . import states as _states
 from .rows import BLOCK_BYTES, GAP, RowOwners, concat_blocks, lazy_owner_coordinate, block_length, row_bytes, chunk_unit
 
 TOKEN_DIM = "token"
@@ -87,6 +89,16 @@ class Store:
         """Names of the attention-matrix arrays ``[n_prompts, heads, L, L]`` (possibly none)."""
         return sorted(name for name, dims in self._dims.items()
                       if len(dims) == 4 and dims[0] == PROMPT_DIM)
+
+    @cached_property
+    def state_layers(self) -> list[int]:
+        """GDN layers with recurrent-state snapshots (``blocks.<i>.linear_attn.hook_ssm_state``)."""
+        return state_layers(self._dims)
+
+    @cached_property
+    def state_index(self) -> _states.StateIndex:
+        """Each prompt's snapshot rows (``state_start``/``state_count``); StoreError without states."""
+        return _states.StateIndex(self)
 
     @cached_property
     def prompt_ids(self) -> list[str]:
@@ -175,6 +187,18 @@ class Store:
         token_ids = np.asarray(self["tokens"][rows], dtype=np.int32)
         return PromptRecord(self, p, self.prompt_ids[p], token_ids, rows)
 
+    # ---- recurrent states (gdn_dump.read.states) ---------------------------------------------
+
+    def states(self, p: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored state snapshots of prompt ``p`` in GDN layer ``layer``: positions ``[n]``
+        int64 (the token after which each was taken) and states ``[n, v_head, d_k, d_v]``."""
+        return _states.snapshots(self, p, layer)
+
+    def state(self, p: int, layer: int, t: int) -> np.ndarray:
+        """S_t ``[v_head, d_k, d_v]`` float64 of prompt ``p`` in ``layer`` after token ``t``, any
+        ``0 <= t < length``: a snapshot, or the stored k, v, beta, log_decay replayed from one."""
+        return _states.state_at(self, p, layer, t)
+
     # ---- views --------------------------------------------------------------------------------
 
     def hook_names(self, hooks: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -195,8 +219,9 @@ class Store:
         (0-based position in its prompt), both -1 on rows no finished prompt owns (alignment gaps,
         and on an ``in_progress`` store the rows of unfinished prompts). On ``prompt``:
         ``prompt_id``, ``prompt_start``, ``prompt_length`` and ``finished`` (bool). Select a
-        prompt's rows with ``ds[hook].isel(token=ds.prompt.values == p)``. ``chunks`` goes to
-        ``xarray.open_zarr`` (give ``{}`` for dask arrays when dask is installed).
+        prompt's rows with ``ds[hook].isel(token=ds.prompt.values == p)``. On ``state`` (stores
+        with recurrent states): ``state_prompt`` (-1 likewise) and ``state_position``. ``chunks``
+        goes to ``xarray.open_zarr`` (give ``{}`` for dask arrays when dask is installed).
         """
         try:
             import xarray as xr
@@ -207,11 +232,12 @@ class Store:
         finished = np.zeros(self.n_prompts, dtype=bool)
         finished[self.visible] = True
         ds = ds.set_coords([n for n in ("prompt_id", "prompt_start", "prompt_length") if n in ds])
-        return ds.assign_coords(
+        ds = ds.assign_coords(
             prompt=xr.Variable((TOKEN_DIM,), lazy_owner_coordinate(self._owners, self.n_rows, 0)),
             position=xr.Variable((TOKEN_DIM,), lazy_owner_coordinate(self._owners, self.n_rows, 1)),
             finished=((PROMPT_DIM,), finished),
         )
+        return _states.with_state_coordinates(self, ds)
 
     def block_rows(self, names: list[str], batch_tokens: int, block_tokens: int | None = None,
                    budget_bytes: int = BLOCK_BYTES) -> int:

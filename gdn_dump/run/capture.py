@@ -134,7 +134,7 @@ class Capture:
                                     list(lengths), tokens, dtypes=self.dtypes, width=width)
         self._counts = []
         if self.states is not None:
-            self.states.start(lengths, self.device)
+            self.states.start(lengths)
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
                         return_type=None, stop_at_layer=self.stop_at_layer)

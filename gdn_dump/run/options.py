@@ -16,7 +16,7 @@ from ..dtypes import MODEL_DTYPES, PRECISIONS, STATE_DTYPES, STORAGE_DTYPES, che
 from ..errors import GdnDumpError
 from ..model.kernels import KERNEL_CHOICES
 from ..store.create import COMPRESSORS
-from ..store.layout import state_stride
+from ..store.states import state_stride
 from ..store.location import locate
 from ..store.writer import WRITERS
 from .prompts import ENCODING_ERRORS

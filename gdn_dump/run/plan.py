@@ -14,8 +14,8 @@ import numpy as np
 from ..catalogue import STATE, Catalogue
 from ..dtypes import STATE_DTYPE
 from ..errors import GdnDumpError, SelectionError
-from ..store.layout import (DEFAULT_STATE_EVERY, Plan, bytes_per_token, format_bytes, make_plan,
-                            prompt_chunk, state_stride)
+from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, prompt_chunk
+from ..store.states import DEFAULT_STATE_EVERY, state_stride
 from ..store.location import Location
 from .options import ExtractOptions
 from .prompts import PromptSource

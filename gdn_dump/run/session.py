@@ -24,7 +24,8 @@ import zarr
 from ..errors import StoreError, Terminated
 from ..ops.stats import ArrayStats, for_arrays, from_json, to_json
 from ..store.create import ATTR, COMPLETE, check_out, create_store, open_group
-from ..store.layout import STATE_FINAL, Plan
+from ..store.layout import Plan
+from ..store.states import STATE_FINAL
 from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready, write_record
 from ..store.location import Location, locate
 from ..store.tally import Tally

@@ -7,7 +7,7 @@ all four its snapshots are computed (:func:`gdn_dump.ops.states.snapshot_states`
 and the inputs dropped: memory holds one layer's inputs, never the trajectory.
 
 Snapshots of a batch are in store order: prompt by prompt (batch row order), position by
-position (:func:`gdn_dump.store.layout.state_positions`). Padding never produces one: every
+position (:func:`gdn_dump.store.states.state_positions`). Padding never produces one: every
 position is below its row's length, and the recurrence is causal.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from ..catalogue import STATE_INPUTS, HookSpec, gdn_hook_name
 from ..ops.states import snapshot_states, state_statistics
-from ..store.layout import state_positions
+from ..store.states import state_positions
 
 
 class StateCapture:
@@ -42,10 +42,11 @@ class StateCapture:
                 self._snapshot(layer, self._kept.pop(layer))
         return [(name, keep) for name in self._inputs]
 
-    def start(self, lengths: list[int], device: torch.device) -> None:
-        """Before a forward over rows of ``lengths`` tokens: the (row, t) pairs to snapshot."""
+    def start(self, lengths: list[int]) -> None:
+        """Before a forward over rows of ``lengths`` tokens: the (row, t) pairs to snapshot (on the
+        host: the chunks they fall in are chosen there, with no device sync)."""
         pairs = [(b, int(t)) for b, n in enumerate(lengths) for t in state_positions(n, self.stride)]
-        self._positions = torch.as_tensor(np.array(pairs, dtype=np.int64).reshape(-1, 2), device=device)
+        self._positions = torch.as_tensor(np.array(pairs, dtype=np.int64).reshape(-1, 2))
         self._kept, self._done = {}, {}
 
     def finish(self) -> dict[str, tuple[torch.Tensor, tuple | None]]:

@@ -16,10 +16,11 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
+from ..dtypes import INDEX_DTYPE
 from ..errors import RunFailure, StoreError
 from .bfloat16 import zarr_dtype
-from .layout import (INDEX_ARRAYS, STATE_INDEX_ARRAYS, STATE_POSITION, ArraySpec, Plan, format_bytes,
-                     index_chunks)
+from .layout import INDEX_ARRAYS, ArraySpec, Plan, format_bytes, index_chunks
+from .states import STATE_INDEX_ARRAYS, STATE_POSITION
 from .location import Location, locate
 
 ATTR = "gdn_dump"
@@ -128,7 +129,7 @@ def _create_state_positions(group: zarr.Group, plan: Plan, compressors) -> None:
     states = plan.states
     chunk = index_chunks(states.n_states)
     arr = group.create_array(STATE_POSITION, shape=(states.n_states,), chunks=(chunk,),
-                             dtype=checked_dtype(STATE_POSITION, STATE_INDEX_ARRAYS["state_start"]),
+                             dtype=checked_dtype(STATE_POSITION, INDEX_DTYPE),
                              dimension_names=["state"], compressors=compressors, fill_value=-1,
                              config={"write_empty_chunks": True})
     for lo, hi in plan.regions:

@@ -21,14 +21,13 @@ from ..catalogue import ATTENTION_MATRIX, PER_TOKEN, STATE, HookSpec, MatrixSpec
 from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STATE_DTYPE, STATE_DTYPES,
                       STORAGE_DTYPES, TOKEN_DTYPE, check, hook_dtype, itemsize)
 from ..errors import GdnDumpError
+from .states import DEFAULT_STATE_EVERY, StateLayout, state_counts, state_stride
 
 TARGET_CHUNK_BYTES = 4 << 20
 MAX_CHUNK_TOKENS = 1 << 20
 PROMPT_CHUNK = 1024  # per-prompt arrays (attention residuals)
 ATTENTION_TILE = 256
 INDEX_CHUNK = 1 << 16  # prompt_start, prompt_length, prompt_id
-STATE_FINAL = "final"  # --state-every final: a snapshot after each prompt's last token only
-DEFAULT_STATE_EVERY = 64  # one chunk of the chunked kernels (fla's chunk states fall on it)
 
 
 @dataclass(frozen=True)
@@ -282,71 +281,7 @@ def _matrix_spec(name: str, n_prompts: int, n_heads: int, head_dim: str, l_max: 
                      ("prompt", head_dim, "query", "key"), hook, attrs, stream=None)
 
 
-# ---- states: snapshots of S_t along the "state" axis ------------------------------------------
-
-
-
-def state_stride(every: int | str) -> int | None:
-    """``--state-every``: a stride ``N >= 1`` (a snapshot after every t with (t + 1) % N == 0 and
-    after the last token), or ``final`` (None: after the last token only)."""
-    if isinstance(every, str) and every.strip().lower() == STATE_FINAL:
-        return None
-    try:
-        stride = int(every)
-    except (TypeError, ValueError):
-        stride = 0
-    if stride < 1 or str(every).strip() != str(stride):
-        raise GdnDumpError(f"--state-every must be a number of tokens (at least 1) or "
-                           f"'{STATE_FINAL}', not {every!r}")
-    return stride
-
-
-def state_positions(length: int, stride: int | None) -> np.ndarray:
-    """``[n]`` int64: the positions t (0-based) of a prompt of ``length`` tokens after which a
-    snapshot is taken; none for an empty prompt."""
-    if length <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if stride is None:
-        return np.array([length - 1], dtype=np.int64)
-    positions = np.arange(stride - 1, length, stride, dtype=np.int64)
-    if not len(positions) or positions[-1] != length - 1:
-        positions = np.append(positions, length - 1)
-    return positions
-
-
-def state_counts(lengths: np.ndarray, stride: int | None) -> np.ndarray:
-    """``[n_prompts]`` int64: snapshots of each prompt (``len(state_positions(L, stride))``)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if stride is None:
-        return (lengths > 0).astype(np.int64)
-    return -(-lengths // stride)
-
-
-@dataclass
-class StateLayout:
-    """The state axis of a store: which snapshot rows each prompt owns, and the state arrays."""
-
-    stride: int | None  # None: the last token only
-    dtype: str
-    starts: np.ndarray  # [n_prompts] int64 (state_start)
-    counts: np.ndarray  # [n_prompts] int64 (state_count)
-    n_states: int
-    arrays: list[ArraySpec]
-
-    def start_row(self, prompt: int) -> int:
-        return int(self.starts[prompt]) if prompt < len(self.starts) else self.n_states
-
-    def rows(self, lo: int, hi: int) -> tuple[int, int]:
-        """State rows ``[lo_row, hi_row)`` of prompts ``[lo, hi)`` (a region)."""
-        if lo >= hi:
-            return (0, 0)
-        return int(self.starts[lo]), int(self.starts[hi - 1] + self.counts[hi - 1])
-
-    def positions(self, lengths: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """``state_position`` of the rows of prompts ``[lo, hi)``, back to back."""
-        parts = [state_positions(int(n), self.stride) for n in lengths[lo:hi]]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
+# ---- states: snapshots of S_t along the "state" axis (see gdn_dump.store.states) ---------------
 
 def _state_layout(hooks: list[HookSpec], lengths: np.ndarray, regions, stride: int | None,
                   dtype: str, target_chunk_bytes: int) -> StateLayout:
@@ -366,8 +301,6 @@ def index_chunks(n_prompts: int) -> int:
 
 
 INDEX_ARRAYS = {"prompt_start": INDEX_DTYPE, "prompt_length": INDEX_DTYPE}
-STATE_INDEX_ARRAYS = {"state_start": INDEX_DTYPE, "state_count": INDEX_DTYPE}  # [n_prompts]
-STATE_POSITION = "state_position"  # [n_states] int64, -1 on rows no prompt owns
 
 
 def format_bytes(n: float) -> str:

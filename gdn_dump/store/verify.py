@@ -17,8 +17,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ..catalogue import GDN_HOOKS, Catalogue, matrix_name, residual_name
-from ..dtypes import MATRIX_DTYPE, RESIDUAL_DTYPE, hook_dtype
+from ..catalogue import GDN_HOOKS, Catalogue, is_state, matrix_name, residual_name
+from ..dtypes import INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, hook_dtype
+from .states import STATE_INDEX_ARRAYS, STATE_POSITION, state_counts, state_positions, state_stride
 from .ledger import ready_info, region_status
 from .create import ATTR, COMPLETE, open_group
 
@@ -26,6 +27,8 @@ INDEX_ARRAYS = ("prompt_start", "prompt_length", "prompt_id")
 SCALAR_SUFFIXES = {suffix for suffix, _, scalar in GDN_HOOKS.values() if scalar}
 REQUIRED = ("tool", "version", "model", "hooks", "storage_dtype", "prompts", "n_rows", "created", "status")
 BLOCK_ELEMENTS = 1 << 23  # read at once by the finite check (32 MiB of float32)
+POSITION_BLOCK = 1 << 16  # prompts whose state positions are checked at once
+WHOLE_AT_CREATION = (STATE_POSITION, *STATE_INDEX_ARRAYS)
 
 
 @dataclass
@@ -41,7 +44,7 @@ def verify_store(path: str | Path | zarr.Group, allow_nonfinite: bool = False) -
     group = path if isinstance(path, zarr.Group) else open_group(path, mode="r")
     meta = dict(group.attrs.get(ATTR) or {})  # a group passed in may not be a gdn-dump store
     ctx = SimpleNamespace(group=group, meta=meta, arrays=dict(group.arrays()), starts=None,
-                          lengths=None, layout_ok=False, expected=None, n_rows=int(meta.get("n_rows") or 0))
+                          lengths=None, layout_ok=False, expected=None, state_rows=None, n_rows=int(meta.get("n_rows") or 0))
     with contextlib.suppress(Exception):  # if not, "arrays" and "layout" say why
         ctx.starts, ctx.lengths = (np.asarray(ctx.arrays[n][:], np.int64) for n in INDEX_ARRAYS[:2])
     steps = [("status", _status), ("ledger", _ledger), ("arrays", _arrays), ("layout", _layout),
@@ -101,8 +104,17 @@ def _expect(ctx) -> dict:
            "prompt_start": ("index", (n_prompts,), "int64", ("prompt",)),
            "prompt_length": ("index", (n_prompts,), "int64", ("prompt",)),
            "prompt_id": ("index", (n_prompts,), None, ("prompt",))}
+    states = meta.get("states") or {}
+    if states:
+        n_states = int(states.get("n_snapshots", 0))
+        out.update({index: ("index", (n_prompts,), INDEX_DTYPE, ("prompt",)) for index in STATE_INDEX_ARRAYS})
+        out[STATE_POSITION] = ("state_index", (n_states,), INDEX_DTYPE, ("state",))
     for name in meta.get("hooks") or []:
         spec = specs.get(name)
+        if is_state(name):
+            out[name] = ("state", (n_states, *spec.shape) if spec else (n_states, ...),
+                         states.get("dtype"), ("state", *spec.dims) if spec else ("state", ...))
+            continue
         if name.endswith(("hook_pattern", "hook_attn_scores")):
             out[name] = matrix(spec.shape[0] if spec else None)
             continue
@@ -172,9 +184,48 @@ def _layout(ctx):
     ids = ctx.arrays.get("prompt_id")
     if ids is None or ids.shape != (n,):
         problems.append(f"prompt_id has shape {None if ids is None else ids.shape}, not ({n},)")
+    if ctx.meta.get("states") and not problems:
+        problems += _state_layout(ctx)
     ctx.layout_ok = not problems
     owned = int(lengths.sum())
     return _result(problems, f"{n} prompts, {owned} rows owned, {n_rows - owned} gap rows")
+
+
+def _state_layout(ctx) -> list[str]:
+    """``state_start``/``state_count``/``state_position`` against the lengths and the stride: each
+    prompt's snapshots after exactly the positions the stride gives, in rows of its own."""
+    states, n = ctx.meta["states"], len(ctx.lengths)
+    try:
+        stride = state_stride(states.get("every"))
+        starts, counts = (np.asarray(ctx.arrays[a][:], np.int64) for a in STATE_INDEX_ARRAYS)
+    except Exception as exc:
+        return [f"the state index cannot be read: {exc}"]
+    n_states, problems = int(states.get("n_snapshots", 0)), []
+    if starts.shape != (n,) or counts.shape != (n,):
+        return [f"state_start / state_count have shapes {starts.shape} / {counts.shape}, not ({n},)"]
+    wrong = counts != state_counts(ctx.lengths, stride)
+    ends = starts + counts
+    for what, bad in (("a snapshot count other than the stride gives", wrong),
+                      (f"snapshots past n_snapshots {n_states}", ends > n_states),
+                      ("snapshots before the previous prompt's end",
+                       np.concatenate([[False], starts[1:] < ends[:-1]]))):
+        if bad.any():
+            problems.append(f"{np.count_nonzero(bad)} prompt(s) with {what} (first: prompt {np.argmax(bad)})")
+    if problems:
+        return problems
+    ctx.state_rows = (starts, counts)
+    positions = ctx.arrays[STATE_POSITION]
+    for first in range(0, n, POSITION_BLOCK):  # a block of prompts at a time: memory stays bounded
+        last = min(first + POSITION_BLOCK, n)
+        lo, hi = (int(starts[first]), int(ends[last - 1])) if counts[first:last].any() else (0, 0)
+        if hi <= lo:
+            continue
+        got = np.asarray(positions[lo:hi], np.int64)
+        for p in range(first, last):
+            want = state_positions(int(ctx.lengths[p]), stride)
+            if not np.array_equal(got[starts[p] - lo:ends[p] - lo], want):
+                return [f"state_position of prompt {p} is not the positions the stride gives"]
+    return problems
 
 
 def _keys(group: zarr.Group, arr: zarr.Array, keep=None) -> tuple[np.ndarray, tuple, tuple]:
@@ -200,8 +251,9 @@ def _keys(group: zarr.Group, arr: zarr.Array, keep=None) -> tuple[np.ndarray, tu
 def _rows_written(ctx):
     if not ctx.layout_ok:
         return False, "not checked: the prompt layout is inconsistent"
-    starts, lengths, ends = ctx.starts, ctx.lengths, ctx.starts + ctx.lengths
-    s, e = starts[lengths > 0], ends[lengths > 0] - 1  # first and last row of each prompt
+    axes = {"token": (ctx.starts, ctx.lengths)}  # the row axes: (first row, rows) of each prompt
+    if ctx.state_rows is not None:
+        axes["state"] = ctx.state_rows
     problems, counted = [], 0
     for name, arr in sorted(ctx.arrays.items()):
         dims = arr.metadata.dimension_names or (None,)
@@ -212,12 +264,14 @@ def _rows_written(ctx):
                 problems.append(f"{name}: {n_missing} of {total} diagonal tiles missing "
                                 f"(first: prompt {p}, head {h}, tile {t})")
             continue
-        if name in INDEX_ARRAYS or dims[0] not in ("token", "prompt"):
+        if name in INDEX_ARRAYS or name in WHOLE_AT_CREATION or dims[0] not in ("prompt", *axes):
             continue  # the index arrays are written whole at creation (all-zero chunks skipped)
         coords, unit, grid = _keys(ctx.group, arr)
         present = np.bincount(coords[:, 0], minlength=grid[0]) == math.prod(grid[1:])
         needed = np.ones(grid[0], dtype=bool)  # per-prompt arrays: all of it
-        if dims[0] == "token":  # the units some prompt's rows fall in
+        if dims[0] in axes:  # the units some prompt's rows fall in
+            starts, counts = axes[dims[0]]
+            s, e = starts[counts > 0], starts[counts > 0] + counts[counts > 0] - 1
             delta = (np.bincount(np.minimum(s // unit[0], grid[0]), minlength=grid[0] + 1)
                      - np.bincount(np.minimum(e // unit[0] + 1, grid[0]), minlength=grid[0] + 1))
             needed = np.cumsum(delta)[:grid[0]] > 0
@@ -225,8 +279,12 @@ def _rows_written(ctx):
         counted += int(needed.sum())
         if len(missing):
             lo, hi = missing[0] * unit[0], min((missing[0] + 1) * unit[0], arr.shape[0])
-            where = (f"rows {lo}-{hi - 1}, prompts {np.searchsorted(ends, lo, 'right')}-"
-                     f"{np.searchsorted(starts, hi) - 1}" if dims[0] == "token" else f"prompts {lo}-{hi - 1}")
+            if dims[0] in axes:
+                starts, counts = axes[dims[0]]
+                where = (f"{'' if dims[0] == 'token' else 'state '}rows {lo}-{hi - 1}, prompts "
+                         f"{np.searchsorted(starts + counts, lo, 'right')}-{np.searchsorted(starts, hi) - 1}")
+            else:
+                where = f"prompts {lo}-{hi - 1}"
             problems.append(f"{name}: {len(missing)} of {int(needed.sum())} chunks missing (first: {where})")
     return _result(problems, f"{counted} chunks / tiles present")
 

@@ -27,7 +27,10 @@ EXPECTED = "expected.npz"
 STORES = {
     "float16": (None, "float16", "0"),  # the default hooks, and layer 0's attention matrix
     "bfloat16": ("q,v,beta", "bfloat16", None),
+    "states": ("k,v,beta,log_decay,ssm_state", "float32", None),  # snapshots every STATE_EVERY
 }
+STATE_EVERY = 4
+STATE_LAYERS = (0, 1, 2)
 PARTIAL = "partial"  # three regions: one complete, one stopped by a full disk, one never run
 PARTIAL_HOOKS = "v,beta,log_decay"
 WORDS = ["alpha", "b", "gamma delta", "é", "zz", "the quick"]
@@ -66,9 +69,12 @@ def write_stores(root: Path, tiny) -> dict:
     hooks: dict[str, list[str]] = {}
     for name, (hook_list, dtype, attn_layers) in STORES.items():
         out = root / f"{name}.zarr"
+        states = {"state_every": STATE_EVERY} if "ssm_state" in (hook_list or "") else {}
         extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(out), hooks=hook_list,
-                               dtype=dtype, attn_layers=attn_layers, chunk_tokens=16), model=tiny)
-        hooks[name] = json.loads((out / "zarr.json").read_text())["attributes"]["gdn_dump"]["hooks"]
+                               dtype=dtype, attn_layers=attn_layers, chunk_tokens=16, **states),
+                model=tiny)
+        stored = json.loads((out / "zarr.json").read_text())["attributes"]["gdn_dump"]["hooks"]
+        hooks[name] = [h for h in stored if not h.endswith("hook_ssm_state")]  # the per-token ones
 
     expected: dict[str, np.ndarray] = {}
     wanted = sorted({h for names in hooks.values() for h in names})
@@ -78,6 +84,9 @@ def write_stores(root: Path, tiny) -> dict:
         for name in wanted:
             if name in cache:
                 expected[key("hook", p, name)] = cache[name][0].to(torch.float32).numpy()
+        for layer in STATE_LAYERS:  # S_t at every t: TransformerLens's replay of the prompt alone
+            states = tiny.bridge.blocks[layer].linear_attn.compute_ssm_state(cache, layer)
+            expected[key("state", p, str(layer))] = states[0].numpy()
 
     # An in_progress store of three regions: 0 complete, 1 stopped mid-way by a full disk (its
     # record says how far it got; rows after that may be half written), 2 never started.

@@ -28,7 +28,8 @@ from gdn_dump import open_store
 from gdn_dump.errors import GdnDumpError, StoreError
 from gdn_dump.read import figures
 
-from .compat import MANIFEST, PARTIAL, STORES, key, load_stores, write_stores
+from .compat import (MANIFEST, PARTIAL, STATE_EVERY, STATE_LAYERS, STORES, key, load_stores,
+                     write_stores)
 
 ENV = "GDN_DUMP_COMPAT_STORES"
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +120,25 @@ def test_attention_matrix_reproduces_the_recurrence_output(compat):
         assert not np.triu(m, 1).any()  # causal: nothing above the diagonal
         mv = np.einsum("hij,jhd->ihd", m.astype(np.float64), v.astype(np.float64))
         assert np.linalg.norm(mv - o) <= 1e-4 * np.linalg.norm(o), p
+
+
+def test_states_equal_compute_ssm_state_at_every_position(compat):
+    """The snapshots, and S_t at every t replayed from them in numpy, against TransformerLens's
+    ``compute_ssm_state`` of each prompt alone (written where torch is; read where it may not be)."""
+    store = open_store(compat.path("states"))
+    ds = store.to_xarray()
+    assert store.state_layers == list(STATE_LAYERS)
+    for p in range(store.n_prompts):
+        length = int(store.prompt_length[p])
+        for layer in STATE_LAYERS:
+            trajectory = compat.expected[key("state", p, str(layer))]
+            positions, states = store.states(p, layer)
+            assert positions.tolist() == sorted({*range(STATE_EVERY - 1, length, STATE_EVERY), length - 1})
+            np.testing.assert_allclose(states, trajectory[positions], rtol=1e-5, atol=1e-8)
+            every = np.stack([store.state(p, layer, t) for t in range(length)])
+            np.testing.assert_allclose(every, trajectory, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(ds.state_position.values[ds.state_prompt.values == p],
+                                      store.states(p, 0)[0])
 
 
 # ---- xarray -------------------------------------------------------------------------------------
