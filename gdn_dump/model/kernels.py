@@ -15,6 +15,12 @@ import sys
 from ..errors import GdnDumpError
 
 KERNEL_CHOICES = ("auto", "torch", "fla")
+# What transformers is told its attention is. TransformerLens's attention bridge computes softmax
+# attention itself (its hooks need the scores), so this decides only the causal mask transformers
+# builds for the layers: "eager" materialises a [batch, 1, L, L] float mask (4.3 GB at 32k
+# tokens, even when no attention layer runs); "sdpa" skips it for a causal batch without padding
+# mask. Every hook of tiny was measured bit-identical either way (tests/model/test_models.py).
+HF_ATTENTION = "sdpa"
 # Modules whose GDN forward resolves kernels through module-level names (transformers >= 5.15).
 _MODELING_MODULES = (
     "transformers.models.qwen3_5.modeling_qwen3_5",

@@ -18,7 +18,7 @@ from ..catalogue import GDN_LAYER_TYPE, Catalogue
 from ..dtypes import MODEL_DTYPES, check
 from ..errors import GdnDumpError
 from ..tokenizer import TINY_NAME, build_tiny_tokenizer
-from .kernels import select_kernels
+from .kernels import HF_ATTENTION, select_kernels
 from .source import load_error, loading_errors, no_safetensors, resolve_source
 from .tiny import build_tiny_model, tiny_text_config
 
@@ -106,6 +106,7 @@ def wrap_model(hf_model, tokenizer, *, name: str, device: torch.device, dtype: t
     backend = select_kernels(device, kernels)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     config = hf_model.config
+    config._attn_implementation = HF_ATTENTION  # models built elsewhere (benchmarks) too
     _check_architecture(name, config)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -154,7 +155,7 @@ def _load_pretrained(name, revision, dtype, trust_remote_code, allow_pickle_weig
     from transformers import AutoModelForCausalLM
 
     text_config = load_config(name, revision=revision, trust_remote_code=trust_remote_code)
-    text_config._attn_implementation = "eager"
+    text_config._attn_implementation = HF_ATTENTION
     model = _from_pretrained(
         AutoModelForCausalLM, name, "weights", revision, config=text_config, dtype=dtype,
         trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle_weights else True,
@@ -199,4 +200,5 @@ def model_provenance(name, revision, config, device, dtype, backend) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "kernel_backend": backend,
+        "hf_attn_implementation": HF_ATTENTION,
     }

@@ -23,6 +23,7 @@ import torch
 
 from ..catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE
 from ..tokenizer import TINY_NAME, build_tiny_tokenizer  # noqa: F401 - re-exported
+from .kernels import HF_ATTENTION
 
 TINY_TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
@@ -63,7 +64,7 @@ def build_tiny_model():
 
     tokenizer = build_tiny_tokenizer()
     config = tiny_text_config(tokenizer)
-    config._attn_implementation = "eager"
+    config._attn_implementation = HF_ATTENTION
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = Qwen3_5ForCausalLM(config)

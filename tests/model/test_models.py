@@ -111,3 +111,41 @@ def test_select_kernels_binds_the_torch_reference_again_after_a_fast_kernel(monk
     monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", fast)  # as a bound fla kernel
     assert select_kernels(torch.device("cpu"), "torch") == "torch"
     assert modeling.torch_chunk_gated_delta_rule is reference
+
+
+def test_transformers_builds_no_eager_mask_and_every_hook_is_unchanged(tiny):
+    """HF_ATTENTION ("sdpa") only decides the causal mask transformers builds: TransformerLens's
+    attention bridge computes attention itself. Every hook of a padded batch is bit-identical to
+    the eager configuration, and no [batch, 1, L, L] mask is made."""
+    from gdn_dump.model.kernels import HF_ATTENTION
+
+    config = tiny.hf_model.config
+    assert config._attn_implementation == HF_ATTENTION == "sdpa"
+    assert tiny.info["hf_attn_implementation"] == "sdpa"
+    ids = torch.randint(10, 200, (3, 40))
+    ids[1, 25:] = 0  # right padding, as extract runs it
+    seen = []
+    import transformers.models.qwen3_5.modeling_qwen3_5 as masking  # where the model looks it up
+
+    original = masking.create_causal_mask
+
+    def recording(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        seen.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    with torch.inference_mode():
+        masking.create_causal_mask = recording
+        try:
+            _, fast = tiny.bridge.run_with_cache(ids, use_cache=False)
+        finally:
+            masking.create_causal_mask = original
+        config._attn_implementation = "eager"
+        try:
+            _, eager = tiny.bridge.run_with_cache(ids, use_cache=False)
+        finally:
+            config._attn_implementation = HF_ATTENTION
+    assert all(shape is None for shape in seen), seen
+    assert list(fast.keys()) == list(eager.keys())
+    for name in eager.keys():
+        assert torch.equal(fast[name], eager[name]), name
