@@ -13,6 +13,7 @@ the forward of the batch goes on while its hooks' rows are copied, and :meth:`Ca
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -20,9 +21,10 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ..catalogue import ATTENTION_MATRIX, MODEL, STATE, HookSpec
+from ..catalogue import ATTENTION, ATTENTION_MATRIX, MODEL, STATE, HookSpec
 from ..dtypes import STATE_DTYPE, STORAGE_DTYPES, hook_dtype
 from ..errors import GdnDumpError, RunFailure
+from ..model.attention import BRIDGE, SDPA, memory_efficient_attention
 from ..model.load import torch_dtype
 from ..ops.stats_device import batch_stats
 
@@ -91,12 +93,13 @@ class Capture:
 
     def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device,
                  attention=None, stats: dict | None = None, states=None,
-                 state_dtype: str = STATE_DTYPE):
+                 state_dtype: str = STATE_DTYPE, softmax: str = BRIDGE):
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
         self.attention = attention  # an attn_capture.AttentionCapture, or None
         self.states = states  # a state_capture.StateCapture, or None
+        self.softmax = softmax  # SDPA (no L x L scores) or BRIDGE (patterns stored): softmax_path
         # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
         # (see stats_device) instead of on the host; None: the host computes them
         self.stats = stats or {}
@@ -135,7 +138,9 @@ class Capture:
         self._counts = []
         if self.states is not None:
             self.states.start(lengths)
-        with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks):
+        attention = (memory_efficient_attention(self.bridge) if self.softmax == SDPA
+                     else contextlib.nullcontext())
+        with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks), attention:
             self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
                         return_type=None, stop_at_layer=self.stop_at_layer)
         batch, self._batch = self._batch, None
@@ -234,6 +239,15 @@ class Capture:
         batch.count_keys = [key for key, _ in self._counts]
         counts = torch.stack([count for _, count in self._counts])
         batch.count_values = self._to_host(counts) if self.cuda else counts
+
+
+def softmax_path(hooks: list[HookSpec], matrices) -> str:
+    """How softmax-attention layers run: :data:`SDPA` (memory linear in the prompt's length)
+    unless a stored array needs their scores or pattern (``hook_pattern``, ``hook_attn_scores``, a
+    softmax layer's ``attn_matrix``), which only TransformerLens's explicit path has."""
+    needs = any(h.kind == ATTENTION_MATRIX for h in hooks) or any(a.layer_type == ATTENTION
+                                                                 for a in matrices)
+    return BRIDGE if needs else SDPA
 
 
 def _stop_layer(hooks: list[HookSpec], extra_layers: list[int] = ()) -> int | None:

@@ -23,7 +23,7 @@ from ..store.provenance import provenance_base
 from ..store.tally import Tally
 from ..store.writer import RowWriter
 from .attn_capture import AttentionCapture
-from .capture import Capture
+from .capture import Capture, softmax_path
 from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
 from .result import ExtractResult, Reporter
@@ -193,7 +193,8 @@ def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
     return Capture(model.bridge, plan.hooks, plan.storage_dtype, model.device, attention,
                    stats=for_arrays(plan.arrays) if on_device else None,
                    states=StateCapture(state_specs, states.stride, opts.stats) if state_specs else None,
-                   state_dtype=states.dtype if states is not None else STATE_DTYPE)
+                   state_dtype=states.dtype if states is not None else STATE_DTYPE,
+                   softmax=softmax_path(plan.hooks, plan.matrices))
 
 
 def _pad_id(tokenizer) -> int:
@@ -227,6 +228,8 @@ def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
         "hooks": [h.name for h in plan.hooks],
         "layers": sorted({h.layer for h in plan.hooks if h.layer is not None}),
         "storage_dtype": plan.storage_dtype,
+        # sdpa: no L x L scores (no pattern stored); bridge: TransformerLens's explicit softmax
+        "softmax_attention": softmax_path(plan.hooks, plan.matrices),
         "compressor": opts.compressor,
         "writer": opts.writer,
         "prompts": {"path": str(source.display), "sha256": source.sha256, "count": source.count,
