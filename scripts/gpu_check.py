@@ -17,7 +17,9 @@ with a small model, to shake it out before a lease.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -237,6 +239,37 @@ def states_agreement(model, tmp: Path, args):
         f"time ({times['default']:.2f} s vs {times['default+states']:.2f} s)")
 
 
+def long_context(model, tmp: Path, args):
+    """One prompt of each ``--long-lengths`` tokens, default hooks of ``--long-layers``: peak device
+    memory, tokens/s, bytes written (the GPU machine's 64 GiB disk holds about 11 GB of default
+    hooks of three 0.8B-shaped GDN layers at 131,072 tokens, not all 18 layers')."""
+    import resource
+
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
+    from gdn_dump.store.layout import format_bytes
+
+    for length in args.long_lengths:
+        prompts = tmp / f"long-{length}.jsonl"
+        ids = torch.randint(10, 200, (length,)).tolist()
+        prompts.write_text(json.dumps({"text": model.tokenizer.decode(ids)}) + "\n")
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        before = torch.cuda.memory_allocated(model.device) if model.device.type == "cuda" else 0
+        t0 = time.perf_counter()
+        result = extract(ExtractOptions(model=model.name, prompts=str(prompts), out=str(tmp / "long.zarr"),
+                                        layers=args.long_layers, max_length=length, overwrite=True,
+                                        force=True), model=model)
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated(model.device) - before) if model.device.type == "cuda" else 0
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        log(f"one prompt of {result.tokens} tokens, default hooks of layers {args.long_layers}: "
+            f"{result.tokens / seconds:.0f} tokens/s, {format_bytes(result.bytes_written)} written, "
+            f"peak device memory above the weights {format_bytes(peak)}, host peak RSS so far "
+            f"{format_bytes(host)}, softmax attention {result.session.group.attrs['gdn_dump']['softmax_attention']}")
+        shutil.rmtree(tmp / "long.zarr", ignore_errors=True)
+
+
 def disk_write(tmp: Path, n_bytes: int) -> float:
     """Sequential write of ``n_bytes`` with one fsync at the end, in bytes/s (``dd`` with fsync)."""
     block = np.random.default_rng(2).bytes(64 << 20)
@@ -380,8 +413,10 @@ def main():
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a small model (dry run on the CPU)")
-    parser.add_argument("--stages", default="kernel,bridge,extract,states,speed,oom",
-                        help="comma-separated subset of kernel,bridge,extract,states,speed,oom")
+    parser.add_argument("--stages", default="kernel,bridge,extract,states,speed,long,oom",
+                        help="comma-separated subset of kernel,bridge,extract,states,speed,long,oom")
+    parser.add_argument("--long-lengths", type=int, nargs="+", default=[65536, 131072])
+    parser.add_argument("--long-layers", default="0-2", help="GDN layers of the long-context stage")
     args = parser.parse_args()
     device = torch.device(args.device)
     import transformers
@@ -406,6 +441,8 @@ def main():
         stage("state snapshots", states_agreement, model, tmp, args)
     if "speed" in stages:
         stage("speed", speed, model, tmp, args)
+    if "long" in stages:
+        stage("long context", long_context, model, tmp, args)
     if device.type == "cuda" and "oom" in stages:
         stage("out-of-memory halving", oom_halving, model, tmp, args)
     return 0

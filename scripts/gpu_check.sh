@@ -23,4 +23,4 @@ echo "== hooked bridge vs HF forward on CUDA (active kernels) ==" | tee -a "$log
 timeout 120 python3 -m pytest -o addopts= -q -p no:cacheprovider -k "hooked_bridge or kernels" tests/model/test_models.py 2>&1 \
     | grep -E "passed|failed|Error|assert" | tee -a "$log"
 echo "== gpu_check.py ==" | tee -a "$log"
-timeout 300 python3 scripts/gpu_check.py "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$log"
+timeout 480 python3 scripts/gpu_check.py "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$log"

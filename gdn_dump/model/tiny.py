@@ -38,7 +38,7 @@ TINY_TEXT_CONFIG: dict[str, Any] = dict(
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     linear_conv_kernel_dim=4,
-    max_position_embeddings=8192,
+    max_position_embeddings=262144,  # Qwen3.5's published context: long-prompt tests run on tiny
     tie_word_embeddings=False,
 )
 TINY_SEED = 0

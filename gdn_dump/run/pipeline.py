@@ -65,7 +65,8 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
                       encoding_errors=opts.encoding_errors) as source:
         config, tokenizer = ((model.config, model.tokenizer) if model is not None else
                              _config_and_tokenizer(opts))
-        plan = plan_run(opts, catalogue(config), tokenizer, source, split.count)
+        plan = plan_run(opts, catalogue(config), tokenizer, source, split.count,
+                        getattr(config, "max_position_embeddings", None))
         if opts.dry_run:
             return ExtractResult(plan, opts.out, split, replaced_lines=source.replaced_lines)
         if start is Start.CREATE and not opts.force:

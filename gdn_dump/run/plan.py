@@ -25,7 +25,7 @@ from .tokens import describe, tokenized_blocks
 
 
 def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
-             processes: int = 1) -> Plan:
+             processes: int = 1, max_positions: int | None = None) -> Plan:
     """Resolve the selection, tokenise every prompt once for its length, lay out the store with
     ``processes`` regions (each starting on a chunk boundary), and check the matrix budget."""
     option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
@@ -34,6 +34,7 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices))
     state_every, state_dtype = state_options(opts, any(h.kind == STATE for h in hooks))
     lengths, truncated, skipped = prompt_lengths(opts, tokenizer, source)
+    check_positions(lengths, max_positions, source)
     regions = None
     if processes > 1:
         window = window_tokens(opts, bytes_per_token(hooks, opts.dtype, state_stride(state_every),
@@ -86,6 +87,20 @@ def prompt_lengths(opts: ExtractOptions, tokenizer, source: PromptSource
     if opts.on_long == "truncate":
         return lengths, int(long.sum()), 0
     return lengths, 0, int(long.sum())
+
+
+def check_positions(lengths: np.ndarray, max_positions: int | None, source: PromptSource) -> None:
+    """Refuse, before anything is written, a prompt longer than the model's context
+    (``max_position_embeddings``): its positions past it were never trained."""
+    if max_positions is None or not len(lengths) or lengths.max() <= max_positions:
+        return
+    first = int(np.argmax(lengths > max_positions))
+    raise GdnDumpError(
+        f"{source.display}: prompt {describe(source, first)} has {int(lengths[first])} tokens, over "
+        f"the model's max_position_embeddings {max_positions} "
+        f"({int((lengths > max_positions).sum())} prompt(s) in all); pass --max-length "
+        f"{max_positions} (they are truncated; --on-long skip or error otherwise)"
+    )
 
 
 def plan_units(opts: ExtractOptions, lengths: np.ndarray, window: int | None,

@@ -164,3 +164,13 @@ def test_finite_values_cost_no_count(tiny, ragged_txt, tmp_path):
 def test_on_long_without_max_length_is_refused_by_the_library(tiny, ragged_txt, tmp_path):
     with pytest.raises(GdnDumpError, match="needs --max-length"):
         _run(tiny, ragged_txt, tmp_path / "s.zarr", hooks="beta", on_long="error")
+
+
+def test_a_prompt_past_the_models_context_is_refused_naming_it(tiny, ragged_txt, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny.config, "max_position_embeddings", 40)  # tiny's is Qwen3.5's 262144
+    with pytest.raises(GdnDumpError, match=r"prompt 2 .* has \d+ tokens, over the model's "
+                                           r"max_position_embeddings 40 .*pass --max-length 40"):
+        _run(tiny, ragged_txt, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+    _run(tiny, ragged_txt, tmp_path / "s.zarr", max_length=40)  # truncated: within the context
+    assert int(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["prompt_length"][:].max()) == 40
