@@ -101,3 +101,42 @@ def assert_same_prompts(reference, other) -> None:
         for p, n in enumerate(counts):
             np.testing.assert_array_equal(x[first_a[p]:first_a[p] + n], y[first_b[p]:first_b[p] + n],
                                           err_msg=f"{name}, prompt {p}")
+
+
+PEAK = """
+import json, sys, torch
+from pathlib import Path
+from gdn_dump.model.load import load_model
+from gdn_dump.run.options import ExtractOptions
+from gdn_dump.run.pipeline import extract
+
+path, length, out, options = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+model = load_model(path, device="cpu")
+torch.manual_seed(0)
+prompts = out.parent / f"prompt-{length}.jsonl"
+text = model.tokenizer.decode(torch.randint(10, 200, (length,)).tolist())
+prompts.write_text(json.dumps({"text": text}) + "\\n")
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+base = kib("VmRSS")
+result = extract(ExtractOptions(model=path, prompts=str(prompts), out=str(out), max_length=length,
+                                force=True, **options), model=model)
+print("PEAK", json.dumps({"above": kib("VmHWM") - base, "tokens": result.tokens}))
+"""
+
+
+def peak_above_model(path, length: int, out, **options) -> int:
+    """Peak RSS (KiB) of ``extract`` of one prompt of ``length`` tokens, in a fresh process, above
+    its RSS once the model at ``path`` is loaded; ``options``: more ExtractOptions fields."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", PEAK, str(path), str(length), str(out),
+                          json.dumps(options)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("PEAK ")), None)
+    assert run.returncode == 0 and line, run.stderr[-3000:]
+    peak = json.loads(line.removeprefix("PEAK "))
+    assert peak["tokens"] == length, peak
+    return peak["above"]

@@ -38,6 +38,7 @@ from ..dtypes import PRECISIONS
 from .state_replay import L2NORM_EPS  # defined on the numpy side: readers replay without torch
 
 __all__ = [
+    "gdn_effective_attention_rows",
     "expand_kv_heads",
     "gdn_effective_attention",
     "heuristic_effective_attention",
@@ -178,8 +179,10 @@ def _chunk_blocks(qn, kn, beta, g, C: int):
     return diag, XW, U.transpose(-1, -2) @ Kd, Kd, from_start[..., -1, 0]
 
 
-def _chunked_torch(qn, kn, beta, g, chunk_size: int) -> torch.Tensor:
-    """Identity-value chunked gated delta rule: ``q~, k~`` ``[N, T, K]``, ``beta, g`` ``[N, T]`` -> ``M`` ``[N, T, T]``.
+def _chunked_rows(qn, kn, beta, g, chunk_size: int):
+    """Identity-value chunked gated delta rule, one chunk of M's rows at a time: ``q~, k~``
+    ``[N, T, K]``, ``beta, g`` ``[N, T]`` -> yields ``(s, rows)`` with ``rows`` ``[N, e - s, e]`` =
+    ``M[:, s:e, :e]`` (the causal prefix of the chunk's rows), ``e = min(s + C, T)``.
 
     The generic kernel with V = I would carry a ``[K, T]`` state and ``[C, T]`` value blocks for every
     chunk. With identity values, before chunk c (rows s:e) the state has non-zero columns only
@@ -193,39 +196,41 @@ def _chunked_torch(qn, kn, beta, g, chunk_size: int) -> torch.Tensor:
 
     and M's diagonal blocks come from the parallel phase. That is 3 C K s multiply-adds per chunk,
     1.5 K T^2 per head in total, against ~3.5 K T^2 (plus [C, T] solves) for the generic kernel.
-    The state is kept transposed, ``St = S^T`` ``[N, T, K]``, so the live prefix ``St[:, :s]`` is
-    contiguous per head. Every head goes through each op together (few, large ops): each op is a
-    thread barrier, and on a busy machine each barrier can cost a scheduler time slice.
+    Memory is the state and the chunk's rows, ``N (K + C) T``, never ``N T^2``. The state is kept
+    transposed, ``St = S^T`` ``[N, T, K]``, so the live prefix ``St[:, :s]`` is contiguous per head.
+    Every head goes through each op together (few, large ops): each op is a thread barrier, and on
+    a busy machine each barrier can cost a scheduler time slice.
     """
     N, T, K = qn.shape
     C = chunk_size
     diag, XW, SU, Kd, decay = _chunk_blocks(qn, kn, beta, g, C)
     nc = diag.shape[1]
-    M = torch.zeros(N, T, T, dtype=qn.dtype, device=qn.device)
-    _block_diagonal(M, C).copy_(diag[:, : T // C])  # all full diagonal blocks in one strided copy
     St = torch.empty(N, T, K, dtype=qn.dtype, device=qn.device)
     for c in range(nc):
         s, e = c * C, min(c * C + C, T)
         r = e - s  # valid rows of this chunk (< C only in the last, padded one)
-        if r < C:
-            M[:, s:e, s:e] = diag[:, c, :r, :r]
+        rows = torch.empty(N, r, e, dtype=qn.dtype, device=qn.device)
+        rows[:, :, s:] = diag[:, c, :r, :r]
         last = c == nc - 1
         if s > 0:
             Y = XW[:, c] @ St[:, :s].transpose(1, 2)  # [N, 2C, s]
-            M[:, s:e, :s] = Y[:, :r]
+            rows[:, :, :s] = Y[:, :r]
             if not last:  # the state after the last chunk is never read
                 # bmm + sub_, not baddbmm_: in place on this strided view, baddbmm_ splits into one
                 # addmm (one thread barrier) per head, 10x slower on a contended 2-core machine.
                 St[:, :s].mul_(decay[:, c, None, None]).sub_(torch.bmm(Y[:, C:].transpose(1, 2), Kd[:, c]))
         if not last:
             St[:, s:e] = SU[:, c, :r]
+        yield s, rows
+
+
+def _chunked_torch(qn, kn, beta, g, chunk_size: int) -> torch.Tensor:
+    """``M`` ``[N, T, T]`` whole: the rows of :func:`_chunked_rows`, zeros above the diagonal."""
+    N, T, _ = qn.shape
+    M = torch.zeros(N, T, T, dtype=qn.dtype, device=qn.device)
+    for s, rows in _chunked_rows(qn, kn, beta, g, chunk_size):
+        M[:, s:s + rows.shape[1], :rows.shape[2]] = rows
     return M
-
-
-def _block_diagonal(M: torch.Tensor, C: int) -> torch.Tensor:
-    """View of the full ``C x C`` diagonal blocks of ``M`` ``[N, T, T]`` as ``[N, T // C, C, C]``."""
-    N, T, _ = M.shape
-    return M.as_strided((N, T // C, C, C), (T * T, C * (T + 1), T, 1), M.storage_offset())
 
 
 def _fla_kernel_for(q: torch.Tensor, dtype: torch.dtype):
@@ -318,6 +323,39 @@ def gdn_effective_attention(
     else:
         M = _chunked_torch(qn, kn, b, gg, chunk_size)
     return M.view(B, Hv, T, T)
+
+
+def gdn_effective_attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    precision: str = "float32",
+    chunk_size: int = 64,
+    rows: int = 256,
+):
+    """The exact matrix of :func:`gdn_effective_attention` (``chunked``) of ONE prompt, a block of
+    query rows at a time, so that memory stays linear in T: ``q, k`` ``[1, T, Hk, K]``, ``beta, g``
+    ``[1, T, Hv]`` -> yields ``(top, block)`` with ``block`` ``[Hv, r, top + r]`` = ``M[0, :,
+    top:top + r, :top + r]`` (``r = rows`` but for the last block; columns past the block's last row
+    are above the diagonal: zero, not included). ``rows`` must be a multiple of ``chunk_size``.
+    """
+    dtype = resolve_precision(precision)
+    B, T, _, _, Hv = _check_inputs(q, k, beta, g)
+    if B != 1 or rows % chunk_size:
+        raise ValueError(f"one prompt at a time, rows a multiple of chunk_size; got B={B}, "
+                         f"rows={rows}, chunk_size={chunk_size}")
+    qn, kn, b, gg = _prepare(q, k, beta, g, dtype)
+    block, top = None, 0
+    for s, part in _chunked_rows(qn, kn, b, gg, chunk_size):
+        if block is None:
+            top = s
+            block = torch.zeros(Hv, min(rows, T - s), min(s + rows, T), dtype=dtype, device=q.device)
+        block[:, s - top:s - top + part.shape[1], :part.shape[2]] = part
+        if s + part.shape[1] == top + block.shape[1]:
+            yield top, block
+            block = None
 
 
 def heuristic_effective_attention(

@@ -25,6 +25,7 @@ from ..catalogue import ATTENTION, ATTENTION_MATRIX, MODEL, STATE, HookSpec
 from ..dtypes import STATE_DTYPE, STORAGE_DTYPES, hook_dtype
 from ..errors import GdnDumpError, RunFailure
 from ..model.attention import BRIDGE, SDPA, memory_efficient_attention
+from .attn_capture import PromptMatrix
 from ..model.load import torch_dtype
 from ..ops.stats_device import batch_stats
 
@@ -40,7 +41,8 @@ class CapturedBatch:
     tokens: np.ndarray  # [n_rows] int32, prompt after prompt
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_rows, *shape]; states: [n_states, ...]
     dtypes: dict[str, str] = field(default_factory=dict)
-    matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)  # name -> [H, L, L] each
+    # name -> one attn_capture.PromptMatrix per prompt (row blocks, computed as they are read)
+    matrices: dict[str, list] = field(default_factory=dict)
     count_keys: list[tuple[str, str]] = field(default_factory=list)  # (OVERFLOW | NONFINITE, hook)
     count_values: torch.Tensor | None = None  # host, aligned with count_keys
     ready: torch.cuda.Event | None = None
@@ -93,13 +95,14 @@ class Capture:
 
     def __init__(self, bridge, hooks: list[HookSpec], storage_dtype: str, device: torch.device,
                  attention=None, stats: dict | None = None, states=None,
-                 state_dtype: str = STATE_DTYPE, softmax: str = BRIDGE):
+                 state_dtype: str = STATE_DTYPE, softmax: str = BRIDGE, matrix_rows: int = 256):
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
         self.attention = attention  # an attn_capture.AttentionCapture, or None
         self.states = states  # a state_capture.StateCapture, or None
         self.softmax = softmax  # SDPA (no L x L scores) or BRIDGE (patterns stored): softmax_path
+        self.matrix_rows = matrix_rows  # query rows per block of a stored pattern (block_rows)
         # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
         # (see stats_device) instead of on the host; None: the host computes them
         self.stats = stats or {}
@@ -157,7 +160,7 @@ class Capture:
             )
         if self.attention is not None:
             try:
-                matrices, batch.residuals = self.attention.finish(lengths)
+                matrices = self.attention.finish(lengths)
             except KeyError as exc:
                 raise RunFailure(f"hook {exc} did not fire; the attention matrices need it") from None
             batch.matrices.update(matrices)
@@ -187,7 +190,8 @@ class Capture:
         if spec.kind == ATTENTION_MATRIX:
             def keep_matrix(tensor: torch.Tensor, hook) -> None:
                 self._batch.matrices[spec.name] = [
-                    tensor[b, :, :n, :n].float().cpu().numpy() for b, n in enumerate(self._lengths)
+                    PromptMatrix.whole(tensor[b, :, :n, :n].float().cpu().numpy(), self.matrix_rows)
+                    for b, n in enumerate(self._lengths)
                 ]
             return keep_matrix
 

@@ -22,7 +22,7 @@ from ..store.ledger import region_status
 from ..store.provenance import provenance_base
 from ..store.tally import Tally
 from ..store.writer import RowWriter
-from .attn_capture import AttentionCapture
+from .attn_capture import AttentionCapture, block_rows
 from .capture import Capture, softmax_path
 from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
@@ -186,8 +186,10 @@ def _feed(opts, plan: Plan, source, session: Session, tokenizer, runner: Halving
 
 
 def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
+    rows = block_rows(plan)
     attention = (AttentionCapture(plan.matrices, mode=opts.attn_mode, method=opts.attn_method,
-                                  precision=opts.attn_precision) if plan.matrices else None)
+                                  precision=opts.attn_precision, rows=rows)
+                 if plan.matrices else None)
     on_device = opts.stats and stats_on_device(model.device)
     states = plan.states
     state_specs = [a.hook for a in states.arrays] if states is not None else []
@@ -195,7 +197,7 @@ def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
                    stats=for_arrays(plan.arrays) if on_device else None,
                    states=StateCapture(state_specs, states.stride, opts.stats) if state_specs else None,
                    state_dtype=states.dtype if states is not None else STATE_DTYPE,
-                   softmax=softmax_path(plan.hooks, plan.matrices))
+                   softmax=softmax_path(plan.hooks, plan.matrices), matrix_rows=rows)
 
 
 def _pad_id(tokenizer) -> int:

@@ -76,7 +76,6 @@ class BatchSink(BackgroundWorker):
         self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
         self.state_arrays = [a.name for a in plan.arrays if a.stream == "state"]
         self.state_counts = plan.states.counts if plan.states is not None else None
-        self.tiles = {a.name: a.chunks[-1] for a in plan.arrays if a.stream is None}
         self.residual_arrays = {a.name: a.residual_name for a in plan.matrices
                                 if a.has_residual(plan.attn_mode)}
         # per-head statistics and counts of the rows handed to the writer (from the region's first
@@ -98,6 +97,7 @@ class BatchSink(BackgroundWorker):
             self._unit_end(batch)
             return
         batch.wait()
+        self._write_matrices(batch)  # computed as they are read; their residuals are counted next
         self._tally(batch)  # before any of its rows are written: --fail-on-nonfinite stops here
         rows = {"tokens": batch.tokens, **dict(batch.numpy_rows())}
         held = _HeldBatch(rows, sum(r.nbytes for r in rows.values()), len(batch.prompts),
@@ -117,10 +117,17 @@ class BatchSink(BackgroundWorker):
                                          (states[i], states[i + 1]))
         for prompt in batch.empty:  # an empty prompt has nothing to reproduce
             self._ready[prompt] = _Ready(None, 0, 0, {name: 0.0 for name in self.residual_arrays})
-        for name, matrices in batch.matrices.items():  # regions: written in any order
-            for prompt, matrix in zip(batch.prompts, matrices):
-                self.writer.write_matrix(name, prompt, matrix, self.tiles[name])
         self._hand_on()
+
+    def _write_matrices(self, batch: CapturedBatch) -> None:
+        """Each prompt's matrices, a block of rows at a time (regions: written in any order), then
+        the residuals their exact GDN blocks were checked against."""
+        for name, matrices in batch.matrices.items():
+            for prompt, matrix in zip(batch.prompts, matrices):
+                for top, block in matrix.blocks():
+                    self.writer.write_matrix_rows(name, prompt, top, block)
+            if name in self.residual_arrays:
+                batch.residuals[name] = [matrix.residual for matrix in matrices]
 
     def _hand_on(self) -> None:
         """Append every run of consecutive ready prompts; one slice per run within a batch."""

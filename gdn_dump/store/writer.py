@@ -107,17 +107,13 @@ class RowWriter(BackgroundWorker):
         """Queue a write of ``block`` at ``selection`` (for arrays not laid out by rows)."""
         self.put((name, selection, block, None))
 
-    def write_matrix(self, name: str, prompt: int, matrix: np.ndarray, tile: int) -> None:
-        """Queue ``matrix`` ``[heads, n, n]`` (lower triangular) as prompt ``prompt`` of ``name``.
-
-        One write per row of tiles, covering only the tiles on or below the diagonal: tiles above
-        it or past the prompt's length are never written (they read back as the fill value 0).
-        """
-        n = matrix.shape[-1]
-        for top in range(0, n, tile):
-            bottom = min(top + tile, n)
-            self.write_region(name, (prompt, slice(None), slice(top, bottom), slice(0, bottom)),
-                              np.ascontiguousarray(matrix[:, top:bottom, :bottom]))
+    def write_matrix_rows(self, name: str, prompt: int, top: int, block: np.ndarray) -> None:
+        """Queue rows ``top : top + r`` of prompt ``prompt``'s matrix in ``name``: ``block``
+        ``[heads, r, top + r]``, the causal prefix of those rows. Tiles above the diagonal or past
+        the prompt's length are never written (they read back as the fill value 0)."""
+        bottom = top + block.shape[1]
+        self.write_region(name, (prompt, slice(None), slice(top, bottom), slice(0, bottom)),
+                          np.ascontiguousarray(block))
 
     def _flush_tails(self) -> None:
         """Queue the last, partial chunk of each array."""

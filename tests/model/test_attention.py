@@ -5,9 +5,6 @@ layers; extract equals run_with_cache of each prompt alone; memory linear in the
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +16,8 @@ from gdn_dump.model.attention import BRIDGE, SDPA, memory_efficient_attention
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 
-from ..helpers import RAGGED_PROMPTS, reference_cache
+from ..helpers import RAGGED_PROMPTS, peak_above_model, reference_cache
 
-REPO = Path(__file__).resolve().parents[2]
 BETWEEN = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 TOLERANCE = 1e-5  # relative to the array's largest value, float32 (measured: 4e-7 on tiny)
 
@@ -96,39 +92,10 @@ def test_extract_equals_run_with_cache_and_records_the_path(between, tmp_path):
     assert exact.attrs["gdn_dump"]["softmax_attention"] == BRIDGE
 
 
-PEAK = """
-import json, sys, torch
-from pathlib import Path
-from gdn_dump.model.load import load_model
-from gdn_dump.run.options import ExtractOptions
-from gdn_dump.run.pipeline import extract
-
-path, length, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-model = load_model(path, device="cpu")
-ids = torch.randint(10, 200, (length,)).tolist()
-prompts = out.parent / f"p{length}.jsonl"
-prompts.write_text(json.dumps({"text": model.tokenizer.decode(ids)}) + "\\n")
-def kib(field):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
-base = kib("VmRSS")
-result = extract(ExtractOptions(model=path, prompts=str(prompts), out=str(out), hooks="beta",
-                                layers="2", max_length=length), model=model)
-print("PEAK", json.dumps({"above": kib("VmHWM") - base, "tokens": result.tokens}))
-"""
-
-
 def test_memory_of_a_gdn_layer_after_an_attention_layer_is_linear_in_the_length(tmp_path):
     """Peak RSS above the loaded model, one prompt of 4k and of 16k tokens through layer 2 (GDN),
     after the attention layer 1: linear would be 4x (measured before: 14x)."""
     path = build_between(tmp_path / "between")
-    peaks = {}
-    for length in (4096, 16384):
-        run = subprocess.run([sys.executable, "-c", PEAK, str(path), str(length),
-                              str(tmp_path / f"s{length}.zarr")], cwd=REPO, capture_output=True,
-                             text=True, timeout=600)
-        line = next((ln for ln in run.stdout.splitlines() if ln.startswith("PEAK ")), None)
-        assert run.returncode == 0 and line, run.stderr[-3000:]
-        peak = json.loads(line.removeprefix("PEAK "))
-        assert peak["tokens"] == length
-        peaks[length] = peak["above"]
+    peaks = {n: peak_above_model(path, n, tmp_path / f"s{n}.zarr", hooks="beta", layers="2")
+             for n in (4096, 16384)}
     assert peaks[16384] <= 5 * peaks[4096], peaks

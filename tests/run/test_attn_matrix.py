@@ -15,7 +15,7 @@ from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 from gdn_dump.run.prompts import open_prompts
 
-from ..helpers import reference_cache
+from ..helpers import peak_above_model, reference_cache
 
 GDN_LAYERS = (0, 1, 2)
 
@@ -117,8 +117,13 @@ def test_memory_guard_refuses_before_the_model_loads(tiny, ragged_txt, tmp_path,
 
 
 def test_unfaithful_matrices_fail_the_run(tiny, ragged_txt, tmp_path, monkeypatch):
-    real = attn_capture.gdn_effective_attention
-    monkeypatch.setattr(attn_capture, "gdn_effective_attention", lambda *a, **k: real(*a, **k) * 1.01)
+    real = attn_capture.gdn_effective_attention_rows  # the chunked method, block by block
+
+    def off_by_one_percent(*args, **kwargs):
+        for top, block in real(*args, **kwargs):
+            yield top, block * 1.01
+
+    monkeypatch.setattr(attn_capture, "gdn_effective_attention_rows", off_by_one_percent)
     with pytest.raises(RunFailure, match="does not reproduce"):
         _attn(tiny, ragged_txt, tmp_path / "a.zarr", attn_layers="0")
     meta = zarr.open_group(str(tmp_path / "a.zarr"), mode="r").attrs["gdn_dump"]
@@ -157,3 +162,13 @@ def test_dry_run_reports_the_matrix_bytes(tmp_path, ragged_txt):
                                       str(tmp_path / "a.zarr"), "--dry-run"], terminal_width=200)
     assert result.exit_code == 0, result.stderr
     assert "blocks.0.attn_matrix" in result.stdout and not (tmp_path / "a.zarr").exists()
+
+
+def test_exact_matrix_memory_is_linear_in_the_length(tmp_path):
+    """attn-matrix of one GDN layer (one head), one prompt of 4k and of 16k tokens: the matrix
+    (64 MiB and 1 GiB on disk) is computed and written a block of rows at a time, so the peak
+    above the loaded model grows about linearly (4x), not with the matrix (16x)."""
+    peaks = {n: peak_above_model("tiny", n, tmp_path / f"a{n}.zarr", hooks="", command="attn-matrix",
+                                 attn_layers="0", attn_heads="0", max_attn_bytes=1 << 40)
+             for n in (4096, 16384)}
+    assert peaks[16384] <= 5 * peaks[4096], peaks
