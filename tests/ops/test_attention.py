@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformer_lens.model_bridge.generalized_components.gated_delta_net import GatedDeltaNetBridge
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     torch_chunk_gated_delta_rule,
@@ -31,28 +30,17 @@ from gdn_dump.ops.attention_reference import (
     gdn_effective_attention_naive,
 )
 
+from .random_hooks import random_hooks
+
 # (B, T, Hk, Hv): GQA ratios 1, 2 and 4; T below, between and above multiples of 64.
 CASES = [(1, 37, 2, 4), (2, 100, 1, 4), (1, 130, 2, 4), (1, 130, 2, 2)]
 CASE_IDS = [f"B{b}-T{t}-Hk{hk}-Hv{hv}" for b, t, hk, hv in CASES]
 K, DV = 64, 16
 
 
-def make_hooks(B, T, Hk, Hv, *, dtype=torch.float32, seed=0, g_spread=1.0):
-    """Random hook tensors: q, k ``[B, T, Hk, K]``, v ``[B, T, Hv, DV]``, beta, g ``[B, T, Hv]``.
-
-    g = -softplus(x) * exp(s * y) spans gentle (~-0.01) to strong (~-10 and beyond) per-step decays, so
-    |G| reaches a few hundred by T = 130 and exp(G_i - G_j) above the diagonal overflows float32.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    q, k = randn(B, T, Hk, K) * 2, randn(B, T, Hk, K) * 2
-    v = randn(B, T, Hv, DV)
-    beta = randn(B, T, Hv).sigmoid()
-    g = -F.softplus(randn(B, T, Hv)) * (g_spread * randn(B, T, Hv)).exp()
-    return tuple(x.to(dtype) for x in (q, k, v, beta, g))
+def make_hooks(B, T, Hk, Hv, **options):
+    """Random hook tensors with this module's K and DV (see :func:`random_hooks`)."""
+    return random_hooks(B, T, Hk, Hv, K, DV, **options)
 
 
 def hf_recurrence(q, k, v, beta, g):

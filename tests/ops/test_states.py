@@ -23,27 +23,15 @@ from gdn_dump.ops.attention import expand_kv_heads, l2norm
 from gdn_dump.ops.states import snapshot_states, state_statistics
 from gdn_dump.ops.states_reference import snapshot_states_naive, state_statistics_naive
 
+from .random_hooks import random_hooks
+
 # (B, T, Hk, Hv, K, V): GQA 4 with d_k != d_v over two full chunks and a ragged third; and GQA 1.
 CASES = [(2, 150, 2, 8, 16, 24), (1, 150, 4, 4, 24, 16)]
 CASE_IDS = [f"B{b}-T{t}-Hk{hk}-Hv{hv}-K{k}-V{v}" for b, t, hk, hv, k, v in CASES]
 TOL = 1e-5
 
 
-def make_hooks(B, T, Hk, Hv, K, V, *, seed=0):
-    """Random hooks: q, k ``[B, T, Hk, K]``, v ``[B, T, Hv, V]``, beta, g ``[B, T, Hv]`` (float32).
-
-    g = -softplus(x) * exp(y) spans gentle (~-0.01) to strong (~-10) per-step decays.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    q, k = randn(B, T, Hk, K) * 2, randn(B, T, Hk, K) * 2
-    v = randn(B, T, Hv, V)
-    beta = randn(B, T, Hv).sigmoid()
-    g = -F.softplus(randn(B, T, Hv)) * randn(B, T, Hv).exp()
-    return tuple(x.float() for x in (q, k, v, beta, g))
+make_hooks = random_hooks  # q, k [B, T, Hk, K], v [B, T, Hv, V], beta, g [B, T, Hv]
 
 
 def all_positions(B, T):
