@@ -282,7 +282,8 @@ MaxBatchTokens = Annotated[Optional[int], option(metavar="N", panel=BATCHING,
                                                  help="Most padded tokens per batch.")]
 SortWindow = Annotated[int, size(panel=BATCHING, help=(
     "Run prompts longest first within windows of this many bytes of rows (less padding; the "
-    "store keeps file order; bounds the reorder memory); 0: file order."))]
+    "store keeps file order; bounds the reorder memory); 0: file order. A prompt whose rows fill "
+    "a window by themselves (1 GiB when 0) is written as it is captured, in pieces."))]
 
 # Many processes
 Shard = Annotated[Optional[str], option(metavar="I/N", panel=PROCESSES, help=(

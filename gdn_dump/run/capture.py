@@ -9,6 +9,11 @@ bytes moved.
 On CUDA the device-to-host copies go into pinned host memory on a side stream, without blocking:
 the forward of the batch goes on while its hooks' rows are copied, and :meth:`CapturedBatch.wait`
 (called by the writer side, not by the forward loop) is the only synchronisation.
+
+A prompt too long to hold (see :func:`gdn_dump.run.schedule.streams`) runs with ``stream``: each
+hook's rows leave as they are captured, in :class:`RowPiece` s of about :data:`PIECE_BYTES`, and
+only the tokens, counts and matrices wait for the end of the forward. Host memory is then a few
+pieces (the sink's queue holds the forward back), not the prompt's rows.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from ..catalogue import ATTENTION, ATTENTION_MATRIX, MODEL, STATE, HookSpec
-from ..dtypes import STATE_DTYPE, STORAGE_DTYPES, hook_dtype
+from ..dtypes import STATE_DTYPE, STORAGE_DTYPES, hook_dtype, itemsize
 from ..errors import GdnDumpError, RunFailure
 from ..model.attention import BRIDGE, SDPA, memory_efficient_attention
 from .attn_capture import PromptMatrix
@@ -30,6 +35,7 @@ from ..model.load import torch_dtype
 from ..ops.stats_device import batch_stats
 
 OVERFLOW, NONFINITE = "overflow", "nonfinite"
+PIECE_BYTES = 16 << 20  # rows of one array per RowPiece of a streamed prompt
 
 
 @dataclass
@@ -52,6 +58,7 @@ class CapturedBatch:
     # state array name -> (norm, effective rank) [n_states, H] of each snapshot, host (after wait)
     state_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     width: int = 0  # padded length of the batch that ran (its padding: width * len(lengths) - rows)
+    streamed: set[str] = field(default_factory=set)  # arrays whose rows went ahead as RowPieces
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -67,8 +74,32 @@ class CapturedBatch:
         that became inf when cast to float16) or ``NONFINITE`` (NaN/inf the model produced)."""
         if self.count_values is None:
             return {}
-        values = self.count_values.tolist()
-        return {name: int(n) for (k, name), n in zip(self.count_keys, values) if k == kind and n}
+        counts: dict[str, int] = {}
+        for (k, name), n in zip(self.count_keys, self.count_values.tolist()):
+            if k == kind and n:  # a streamed array is counted piece by piece
+                counts[name] = counts.get(name, 0) + int(n)
+        return counts
+
+
+@dataclass
+class RowPiece:
+    """The next rows of one array of a streamed prompt, on the host (possibly still being copied):
+    handed to the writer as they come, before the rest of the prompt's batch."""
+
+    prompt: int  # the store index of the streamed prompt
+    name: str
+    rows: torch.Tensor  # [n, *shape] in the storage dtype
+    dtype: str
+    moments: torch.Tensor | None = None  # [H, K] statistics of these rows (CUDA), as stat_values
+    state_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # as CapturedBatch.state_stats
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def numpy(self) -> np.ndarray:
+        return to_storage_numpy(self.rows, self.dtype)
 
 
 def to_storage_numpy(t: torch.Tensor, name: str) -> np.ndarray:
@@ -101,6 +132,8 @@ class Capture:
         self.device = device
         self.attention = attention  # an attn_capture.AttentionCapture, or None
         self.states = states  # a state_capture.StateCapture, or None
+        if states is not None:
+            states.keep = self._keep_state
         self.softmax = softmax  # SDPA (no L x L scores) or BRIDGE (patterns stored): softmax_path
         self.matrix_rows = matrix_rows  # query rows per block of a stored pattern (block_rows)
         # name -> stats.ArrayStats (layout only): per-batch moments are reduced on the device
@@ -123,11 +156,15 @@ class Capture:
         self._lengths: list[int] = []
         self._batch: CapturedBatch | None = None
         self._counts: list[tuple[tuple[str, str], torch.Tensor]] = []
+        self._stream = None
 
     def run(self, input_ids: torch.Tensor, lengths: list[int],
-            prompts: list[int] | None = None) -> CapturedBatch:
+            prompts: list[int] | None = None, stream=None) -> CapturedBatch:
         """``input_ids``: ``[B, T]`` right-padded; ``lengths``: the real length of each row (>= 1);
-        ``prompts``: the store index of each row (default ``0..B-1``)."""
+        ``prompts``: the store index of each row (default ``0..B-1``); ``stream``: called with
+        each :class:`RowPiece` as the hooks fire (one prompt only), instead of keeping its rows."""
+        if stream is not None and len(lengths) != 1:
+            raise ValueError("only a batch of one prompt streams")
         batch_size, width = input_ids.shape
         # Flat indices of the real positions: a gather with a known size needs no device sync,
         # unlike boolean-mask indexing.
@@ -143,16 +180,21 @@ class Capture:
             self.states.start(lengths)
         attention = (memory_efficient_attention(self.bridge) if self.softmax == SDPA
                      else contextlib.nullcontext())
-        with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks), attention:
-            self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
-                        return_type=None, stop_at_layer=self.stop_at_layer)
+        self._stream = stream
+        try:
+            with torch.inference_mode(), self.bridge.hooks(fwd_hooks=self._fwd_hooks), attention:
+                self.bridge(input_ids.to(self.device, non_blocking=True), use_cache=False,
+                            return_type=None, stop_at_layer=self.stop_at_layer)
+        finally:
+            self._stream = None
         batch, self._batch = self._batch, None
         if self.states is not None:
             try:
-                self._keep_states(batch, self.states.finish())
+                self.states.finish()
             except KeyError as exc:
                 raise RunFailure(f"hook {exc} did not fire; the state snapshots need it") from None
-        missing = [h.name for h in self.hooks if h.name not in batch.rows and h.name not in batch.matrices]
+        missing = [h.name for h in self.hooks
+                   if h.name not in batch.rows and h.name not in batch.matrices and h.name not in batch.streamed]
         if missing:
             raise RunFailure(
                 f"hook(s) did not fire: {', '.join(missing[:5])}; the GDN interior hooks fire only "
@@ -177,14 +219,20 @@ class Capture:
             if part is not None:
                 part.reset()
 
-    def _keep_states(self, batch: CapturedBatch, done: dict) -> None:
-        """The snapshots as rows of their arrays, cast and counted like any hook's rows."""
-        for name, (states, stats) in done.items():
-            cast = states.to(torch_dtype(self.dtypes[name]))
-            self._count_values(name, states, cast)
-            batch.rows[name] = self._to_host(cast)
+    def _keep_state(self, name: str, states: torch.Tensor, stats: tuple | None) -> None:
+        """A layer's snapshots ``[n, H, K, V]`` (and their statistics ``[n, H]`` each, or None) as
+        rows of its array, cast and counted like any hook's rows, as soon as they are computed."""
+        cast = states.to(torch_dtype(self.dtypes[name]))
+        self._count_values(name, states, cast)
+        if self._stream is None:
+            self._batch.rows[name] = self._to_host(cast)
             if stats is not None:
-                batch.state_stats[name] = tuple(self._to_host(s) for s in stats)
+                self._batch.state_stats[name] = tuple(self._to_host(s) for s in stats)
+            return
+        for lo, hi in self._pieces(name, cast):
+            self._emit(RowPiece(0, name, self._to_host(cast[lo:hi]), self.dtypes[name],
+                                state_stats=None if stats is None else
+                                tuple(self._to_host(s[lo:hi]) for s in stats)))
 
     def _hook_fn(self, spec: HookSpec):
         if spec.kind == ATTENTION_MATRIX:
@@ -201,13 +249,41 @@ class Capture:
             rows = tensor.reshape(-1, *tensor.shape[2:])
             if self._index is not None:
                 rows = rows.index_select(0, self._index)
-            cast = rows.to(dtype)
-            self._count_values(spec.name, rows, cast)
-            if spec.name in self.stats:
-                moments = batch_stats(cast, self.stats[spec.name])
-                self._batch.stat_values[spec.name] = self._to_host(moments)
-            self._batch.rows[spec.name] = self._to_host(cast)
+            if self._stream is None:
+                self._batch.rows[spec.name], moments = self._cast_to_host(spec.name, rows, dtype)
+                if moments is not None:
+                    self._batch.stat_values[spec.name] = moments
+                return
+            for lo, hi in self._pieces(spec.name, rows):
+                host, moments = self._cast_to_host(spec.name, rows[lo:hi], dtype, own=True)
+                self._emit(RowPiece(0, spec.name, host, self.dtypes[spec.name], moments=moments))
         return keep_rows
+
+    def _cast_to_host(self, name: str, rows: torch.Tensor, dtype: torch.dtype, own: bool = False):
+        """``rows`` cast to the storage dtype, counted, on the host, with their statistics moments
+        when the device computes them (else None). ``own``: never a view of the forward's tensor
+        (a streamed piece must not keep the whole activation alive until it is written)."""
+        cast = rows.to(dtype)
+        self._count_values(name, rows, cast)
+        moments = self._to_host(batch_stats(cast, self.stats[name])) if name in self.stats else None
+        if own and not self.cuda and cast.data_ptr() == rows.data_ptr():
+            cast = cast.clone()
+        return self._to_host(cast), moments
+
+    def _pieces(self, name: str, rows: torch.Tensor) -> list[tuple[int, int]]:
+        """Row ranges of about :data:`PIECE_BYTES` each."""
+        row_bytes = max(1, int(np.prod(rows.shape[1:], dtype=np.int64)) * itemsize(self.dtypes[name]))
+        step = max(1, PIECE_BYTES // row_bytes)
+        return [(lo, min(lo + step, len(rows))) for lo in range(0, len(rows), step)]
+
+    def _emit(self, piece: RowPiece) -> None:
+        """Hand a streamed prompt's piece on (its copy to the host may still be running)."""
+        piece.prompt = self._batch.prompts[0]
+        if self.cuda:
+            piece.ready = torch.cuda.Event()
+            piece.ready.record(self.copy_stream)
+        self._batch.streamed.add(piece.name)
+        self._stream(piece)
 
     def _count_values(self, name: str, rows: torch.Tensor, cast: torch.Tensor) -> None:
         """Count NaN/inf the model produced, and values finite before a float16 cast and inf after.

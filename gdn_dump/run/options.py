@@ -23,6 +23,9 @@ from .prompts import ENCODING_ERRORS
 from .tokens import ON_LONG
 
 
+SORT_WINDOW_BYTES = 1 << 30  # --sort-window's default
+
+
 @dataclass
 class ExtractOptions:
     """Everything ``gdn-dump extract`` takes; the names are the CLI option names."""
@@ -45,8 +48,9 @@ class ExtractOptions:
     batch_size: int = 8
     max_batch_tokens: int | None = None
     # Prompts run longest first within windows of this many bytes of rows (0: file order); the
-    # sink holds at most one window to put rows back in prompt order.
-    sort_window_bytes: int = 1 << 30
+    # sink holds at most one window to put rows back in prompt order, and a prompt whose rows fill
+    # a window by themselves streams (plan.stream_tokens).
+    sort_window_bytes: int = SORT_WINDOW_BYTES
     dtype: str = "float16"
     chunk_tokens: int | None = None
     shard_tokens: int | None = None

@@ -27,9 +27,9 @@ from .capture import Capture, softmax_path
 from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
 from .result import ExtractResult, Reporter
-from .plan import check_free_space, plan_run, plan_units, window_tokens
+from .plan import check_free_space, plan_run, plan_units, stream_tokens
 from .prompts import PromptSource, open_prompts
-from .schedule import HalvingRunner
+from .schedule import HalvingRunner, streams
 from .session import (Clock, ProgressRecorder, Session, Start, decide, fault, fingerprint,
                       open_session, peak_rss, resumable, signals_as_exceptions, state_provenance)
 from .sink import BatchSink, UnitEnd
@@ -171,15 +171,16 @@ def _feed(opts, plan: Plan, source, session: Session, tokenizer, runner: Halving
     first, hi = session.resume_from, session.hi
     items = tokenized(source, tokenizer, opts.max_length, plan.prompt_lengths, first, hi,
                       opts.on_long)
-    window = window_tokens(opts, plan.bytes_per_token)
-    for unit in plan_units(opts, plan.prompt_lengths, window, plan.prompt_chunk, items):
+    row_bytes = plan.bytes_per_token
+    long = stream_tokens(opts, row_bytes)
+    for unit in plan_units(opts, plan.prompt_lengths, row_bytes, plan.prompt_chunk, items):
         unit_lo = min(p for batch in unit for p, _ in batch)
         if unit_lo < first:
             continue
         if unit_lo >= hi:
             break
         for batch in unit:
-            for captured in runner.run(batch):
+            for captured in runner.run(batch, sink.put if streams(batch, long) else None):
                 sink.put(captured)
             reporter.advance(len(batch), sum(len(t) for _, t in batch), writer.bytes_written)
         sink.put(UnitEnd(max(p for batch in unit for p, _ in batch) + 1, runner.retries))

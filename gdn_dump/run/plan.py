@@ -17,7 +17,7 @@ from ..errors import GdnDumpError, SelectionError
 from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, prompt_chunk
 from ..store.states import DEFAULT_STATE_EVERY, state_stride
 from ..store.location import Location
-from .options import ExtractOptions
+from .options import SORT_WINDOW_BYTES, ExtractOptions
 from .prompts import PromptSource
 from .schedule import units
 from .split import split_regions
@@ -37,11 +37,10 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: Prom
     check_positions(lengths, max_positions, source)
     regions = None
     if processes > 1:
-        window = window_tokens(opts, bytes_per_token(hooks, opts.dtype, state_stride(state_every),
-                                                     state_dtype))
+        row_bytes = bytes_per_token(hooks, opts.dtype, state_stride(state_every), state_dtype)
         cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths))
         starts = [min(p for batch in unit for p, _ in batch)
-                  for unit in plan_units(opts, lengths, window, cut_every)]
+                  for unit in plan_units(opts, lengths, row_bytes, cut_every)]
         regions = split_regions(starts, lengths, processes, cut_every=cut_every)
     plan = make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
                      shard_tokens=opts.shard_tokens, max_length=opts.max_length,
@@ -103,13 +102,15 @@ def check_positions(lengths: np.ndarray, max_positions: int | None, source: Prom
     )
 
 
-def plan_units(opts: ExtractOptions, lengths: np.ndarray, window: int | None,
+def plan_units(opts: ExtractOptions, lengths: np.ndarray, row_bytes: int,
                cut_every: int | None, items=None):
-    """The units of the run (see :mod:`gdn_dump.run.schedule`); by default from lengths alone
-    (``range(n)`` stands in for a prompt's tokens: batching needs only lengths)."""
+    """The units of the run (see :mod:`gdn_dump.run.schedule`) for rows of ``row_bytes`` bytes a
+    token; by default from lengths alone (``range(n)`` stands in for a prompt's tokens: batching
+    needs only lengths)."""
     if items is None:
         items = ((p, range(n)) for p, n in enumerate(lengths.tolist()))
-    return units(items, opts.batch_size, opts.max_batch_tokens, window, cut_every)
+    return units(items, opts.batch_size, opts.max_batch_tokens, window_tokens(opts, row_bytes),
+                 cut_every, stream_tokens(opts, row_bytes))
 
 
 def window_tokens(opts: ExtractOptions, row_bytes: int) -> int | None:
@@ -117,6 +118,13 @@ def window_tokens(opts: ExtractOptions, row_bytes: int) -> int | None:
     if not opts.sort_window_bytes:
         return None
     return max(1, opts.sort_window_bytes // max(row_bytes, 1))
+
+
+def stream_tokens(opts: ExtractOptions, row_bytes: int) -> int:
+    """Tokens of a prompt whose rows fill a sorting window by themselves (the default window's
+    size when sorting is off): such a prompt streams, its rows written as they are captured, so the
+    host never holds more than about a window of rows, however long the prompt."""
+    return max(1, (opts.sort_window_bytes or SORT_WINDOW_BYTES) // max(row_bytes, 1))
 
 
 def check_budget(plan: Plan, max_bytes: int) -> None:

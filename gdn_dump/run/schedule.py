@@ -26,8 +26,8 @@ MAX_WINDOW_BATCHES = 64
 
 
 def units(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None = None,
-          window_tokens: int | None = None, boundary_every: int | None = None
-          ) -> Iterator[list[list[Item]]]:
+          window_tokens: int | None = None, boundary_every: int | None = None,
+          stream_tokens: int | None = None) -> Iterator[list[list[Item]]]:
     """Group ``items`` (in prompt order) into *units*: runs of consecutive prompts, each a list of
     batches. A unit is a sorting window (with ``window_tokens``) or a single batch (without).
 
@@ -40,11 +40,21 @@ def units(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None =
     A batch holds at most ``batch_size`` prompts and, when ``max_batch_tokens`` is set, at most that
     many padded tokens (a longer prompt goes alone). Inside a window prompts run longest first
     (ties keep file order).
+
+    A prompt of at least ``stream_tokens`` tokens (one that fills a sorting window by itself) is
+    a unit of its own: every prompt before it is handed on before it runs, so its rows can go to
+    the writer as they are captured (see :func:`streams`).
     """
     window: list[Item] = []
     held = 0
     limit = batch_size * MAX_WINDOW_BATCHES if window_tokens else batch_size
     for item in items:
+        if streams([item], stream_tokens):
+            if window:
+                yield _cut(window, batch_size, max_batch_tokens, window_tokens)
+                window, held = [], 0
+            yield [[item]]
+            continue
         if window and boundary_every and item[0] % boundary_every == 0:
             yield _cut(window, batch_size, max_batch_tokens, window_tokens)
             window, held = [], 0
@@ -58,6 +68,11 @@ def units(items: Iterable[Item], batch_size: int, max_batch_tokens: int | None =
             window, held = [], 0
     if window:
         yield _cut(window, batch_size, max_batch_tokens, window_tokens)
+
+
+def streams(batch: list[Item], stream_tokens: int | None) -> bool:
+    """Whether ``batch`` is one prompt long enough to stream (a unit of its own, see :func:`units`)."""
+    return stream_tokens is not None and len(batch) == 1 and len(batch[0][1]) >= stream_tokens
 
 
 def _cut(window: list[Item], batch_size: int, max_batch_tokens: int | None,
@@ -106,19 +121,21 @@ class HalvingRunner:
         self.limit: int | None = None  # most prompts per forward, once memory ran out
         self.retries = 0
 
-    def run(self, batch: list[Item]) -> list[CapturedBatch]:
+    def run(self, batch: list[Item], stream=None) -> list[CapturedBatch]:
+        """``stream``: see :meth:`Capture.run` (a streamed prompt that runs out of memory is not
+        retried: its first rows are written already, and a single prompt cannot be halved)."""
         kept = [(p, t) for p, t in batch if t]
         empty = [p for p, t in batch if not t]
-        captured = self._run(kept) if kept else [CapturedBatch([], [], np.zeros(0, np.int32))]
+        captured = self._run(kept, stream) if kept else [CapturedBatch([], [], np.zeros(0, np.int32))]
         captured[0].empty = empty
         return captured
 
-    def _run(self, kept: list[Item]) -> list[CapturedBatch]:
+    def _run(self, kept: list[Item], stream=None) -> list[CapturedBatch]:
         if self.limit is not None and len(kept) > self.limit:
             return self._split(kept)
         ids, lengths = pad_batch([t for _, t in kept], self.pad_id)
         try:
-            return [self.capture.run(ids, lengths, [p for p, _ in kept])]
+            return [self.capture.run(ids, lengths, [p for p, _ in kept], stream=stream)]
         except torch.OutOfMemoryError:
             pass  # retried below, outside the handler: its traceback holds the failed forward's tensors
         self.capture.reset()

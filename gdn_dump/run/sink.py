@@ -4,7 +4,9 @@ Batches arrive in run order (length-sorted inside a window, see :mod:`gdn_dump.r
 store wants rows in prompt order. :class:`BatchSink` keeps each batch's host rows until every prompt
 before them has been handed on, then appends runs of consecutive prompts to the
 :class:`~gdn_dump.store.writer.RowWriter`. Since windows are consecutive prompts and a window's
-batches all arrive before the next window's, it never holds more than one window of rows.
+batches all arrive before the next window's, it never holds more than one window of rows. A prompt
+that fills a window by itself is a unit of its own and streams: its :class:`RowPiece` s arrive
+while it runs, after every earlier prompt was handed on, and go straight to the writer.
 
 The sink thread owns the run's counts (:class:`~gdn_dump.store.tally.Tally`) and statistics: it
 snapshots both at every unit end, and a progress record carries the snapshot of its unit.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .capture import NONFINITE, OVERFLOW, CapturedBatch
+from .capture import NONFINITE, OVERFLOW, CapturedBatch, RowPiece
 from .session import Clock
 from ..errors import RunFailure
 from ..store.layout import Plan
@@ -92,9 +94,12 @@ class BatchSink(BackgroundWorker):
         self.peak_held_bytes = 0
         super().__init__("gdn-dump-sink", max_batches)
 
-    def handle(self, batch: CapturedBatch | UnitEnd) -> None:
+    def handle(self, batch: CapturedBatch | RowPiece | UnitEnd) -> None:
         if isinstance(batch, UnitEnd):
             self._unit_end(batch)
+            return
+        if isinstance(batch, RowPiece):
+            self._write_piece(batch)
             return
         batch.wait()
         self._write_matrices(batch)  # computed as they are read; their residuals are counted next
@@ -105,7 +110,7 @@ class BatchSink(BackgroundWorker):
         for name, moments in batch.stat_values.items():  # the batch's rows: all stored by the
             if name in self.stats:                        # next unit end, before its snapshot
                 merge_packed(self.stats[name], moments.numpy())
-        self._state_stats(batch)
+        self._state_stats(batch.state_stats)
         self.held_bytes += held.nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         offsets = np.concatenate([[0], np.cumsum(batch.lengths)]).tolist()
@@ -118,6 +123,23 @@ class BatchSink(BackgroundWorker):
         for prompt in batch.empty:  # an empty prompt has nothing to reproduce
             self._ready[prompt] = _Ready(None, 0, 0, {name: 0.0 for name in self.residual_arrays})
         self._hand_on()
+
+    def _write_piece(self, piece: RowPiece) -> None:
+        """Rows of a streamed prompt: the next rows of their array, since every prompt before it
+        was handed on; its statistics accumulate as the rows do (its batch brings the counts)."""
+        if piece.prompt != self.next_prompt or self._ready:
+            raise RunFailure(f"internal error: prompt {piece.prompt} streamed while prompt "
+                             f"{self.next_prompt} is next")
+        piece.wait()
+        rows = piece.numpy()
+        self.writer.append(piece.name, rows)
+        if piece.name in self.stats:
+            if piece.moments is not None:
+                merge_packed(self.stats[piece.name], piece.moments.numpy())
+            else:
+                self.stats[piece.name].accumulate(rows)
+        if piece.state_stats is not None:
+            self._state_stats({piece.name: piece.state_stats})
 
     def _write_matrices(self, batch: CapturedBatch) -> None:
         """Each prompt's matrices, a block of rows at a time (regions: written in any order), then
@@ -144,12 +166,15 @@ class BatchSink(BackgroundWorker):
                 rows = slice(first.start, run[-1].stop)
                 self.writer.append("tokens", held.rows["tokens"][rows])
                 for name in self.token_arrays:
+                    if name not in held.rows:  # streamed: written already
+                        continue
                     self.writer.append(name, held.rows[name][rows])
                     if name in self.stats and not held.stats_done:
                         self.stats[name].accumulate(held.rows[name][rows])
                 snapshots = slice(first.states[0], run[-1].states[1])
                 for name in self.state_arrays:
-                    self.writer.append(name, held.rows[name][snapshots])
+                    if name in held.rows:
+                        self.writer.append(name, held.rows[name][snapshots])
                 held.remaining -= len(run)
                 if held.remaining == 0:
                     self.held_bytes -= held.nbytes
@@ -157,10 +182,11 @@ class BatchSink(BackgroundWorker):
             for matrix, residual in self.residual_arrays.items():
                 self.writer.append(residual, np.array([r.residuals[matrix] for r in run]))
 
-    def _state_stats(self, batch: CapturedBatch) -> None:
-        """Norm and effective rank of each snapshot, per head: every snapshot of the batch is
-        stored by the next unit end, before its snapshot of the statistics (as for the rows)."""
-        for name, values in batch.state_stats.items():
+    def _state_stats(self, state_stats: dict) -> None:
+        """Norm and effective rank of each snapshot, per head (``CapturedBatch.state_stats``):
+        every snapshot of the batch is stored by the next unit end, before its snapshot of the
+        statistics (as for the rows)."""
+        for name, values in state_stats.items():
             for statistic, per_head in zip(STATE_STATISTICS, values):
                 key = state_stat_key(name, statistic)
                 if key in self.stats:

@@ -3,8 +3,9 @@
 TransformerLens's ``hook_ssm_state`` fires only on its eager scan (a Python loop over tokens that
 holds the whole trajectory ``[B, T, H, d_k, d_v]``). Instead, each selected layer's ``hook_k``,
 ``hook_v``, ``hook_beta`` and ``hook_log_decay`` are kept as they fire, and as soon as a layer has
-all four its snapshots are computed (:func:`gdn_dump.ops.states.snapshot_states`, the chunked form)
-and the inputs dropped: memory holds one layer's inputs, never the trajectory.
+all four its snapshots are computed (:func:`gdn_dump.ops.states.snapshot_states`, the chunked form),
+handed to :attr:`StateCapture.keep` and the inputs dropped: memory holds one layer's inputs, never
+the trajectory.
 
 Snapshots of a batch are in store order: prompt by prompt (batch row order), position by
 position (:func:`gdn_dump.store.states.state_positions`). Padding never produces one: every
@@ -30,7 +31,10 @@ class StateCapture:
         self._inputs = {gdn_hook_name(layer, short): (layer, short)
                         for layer in self.specs for short in STATE_INPUTS}
         self._kept: dict[int, dict[str, torch.Tensor]] = {}
-        self._done: dict[str, tuple[torch.Tensor, tuple | None]] = {}
+        self._done: set[str] = set()
+        # keep(array name, states [n, H, d_k, d_v] float32, (norm, effective rank) [n, H] each or
+        # None without statistics): called as each layer's snapshots are computed (the Capture's)
+        self.keep = None
         self._positions: torch.Tensor | None = None
 
     def fwd_hooks(self):
@@ -47,23 +51,23 @@ class StateCapture:
         host: the chunks they fall in are chosen there, with no device sync)."""
         pairs = [(b, int(t)) for b, n in enumerate(lengths) for t in state_positions(n, self.stride)]
         self._positions = torch.as_tensor(np.array(pairs, dtype=np.int64).reshape(-1, 2))
-        self._kept, self._done = {}, {}
+        self._kept, self._done = {}, set()
 
-    def finish(self) -> dict[str, tuple[torch.Tensor, tuple | None]]:
-        """``{state array name: (states [n, H, d_k, d_v] float32, (norm, effective rank) [n, H]
-        each, or None without statistics)}`` of the forward that ran since :meth:`start`."""
+    def finish(self) -> None:
+        """Check that every selected layer's snapshots were kept in the forward since :meth:`start`."""
         missing = [self.specs[layer].name for layer in self.specs
                    if self.specs[layer].name not in self._done]
         if missing:
             raise KeyError(f"{missing[0]} (its inputs {', '.join(STATE_INPUTS)} did not all fire)")
-        done, self._done = self._done, {}
-        return done
+        self._done = set()
 
     def reset(self) -> None:
-        self._kept, self._done, self._positions = {}, {}, None
+        self._kept, self._done, self._positions = {}, set(), None
 
     def _snapshot(self, layer: int, kept: dict[str, torch.Tensor]) -> None:
         states = snapshot_states(kept["k"], kept["v"], kept["beta"], kept["log_decay"],
                                  self._positions)
         stats = state_statistics(states) if self.statistics else None
-        self._done[self.specs[layer].name] = (states, stats)
+        name = self.specs[layer].name
+        self.keep(name, states, stats)
+        self._done.add(name)

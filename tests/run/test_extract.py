@@ -243,14 +243,14 @@ def test_a_batch_that_ran_out_of_memory_is_freed_before_the_retry(tiny, ragged_t
     real_run = Capture.run
     failed = []
 
-    def small_memory(self, input_ids, lengths, *args):
+    def small_memory(self, input_ids, lengths, *args, **kwargs):
         if failed:
             assert failed[-1]() is None, "the failed forward's tensors are alive during the retry"
         if len(lengths) > 2:
             activations = torch.empty(1 << 16)  # held by the failing frame, as a forward's are
             failed.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(self, input_ids, lengths, *args)
+        return real_run(self, input_ids, lengths, *args, **kwargs)
 
     monkeypatch.setattr(Capture, "run", small_memory)
     result = _run(tiny, ragged_txt, tmp_path / "s.zarr", hooks="beta", batch_size=6)
@@ -265,11 +265,11 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_t
     real_run = Capture.run
     sizes = []
 
-    def small_memory(self, input_ids, lengths, *args):
+    def small_memory(self, input_ids, lengths, *args, **kwargs):
         sizes.append(len(lengths))
         if len(lengths) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(self, input_ids, lengths, *args)
+        return real_run(self, input_ids, lengths, *args, **kwargs)
 
     class Notes(Reporter):
         notes: list = []
@@ -290,7 +290,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_store_equal(tiny, ragged_t
             np.testing.assert_allclose(got[name][:], ref[name][:], atol=1e-3, err_msg=name)
     assert got.attrs["gdn_dump"]["status"] == "complete" and got.attrs["gdn_dump"]["oom_retries"] >= 1
 
-    monkeypatch.setattr(Capture, "run", lambda self, *a: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    monkeypatch.setattr(Capture, "run", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
     from gdn_dump.errors import RunFailure
 
     with pytest.raises(RunFailure, match="single prompt"):

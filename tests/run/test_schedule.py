@@ -126,3 +126,20 @@ def test_reorder_memory_is_bounded_by_the_window_not_the_prompt_count(tiny, tmp_
         peaks.append(result.peak_held_bytes)
     # four times the prompts, about the same peak (windows, not the file, set it)
     assert peaks[1] <= 2 * peaks[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=lengths_strategy, batch_size=st.integers(1, 9),
+       window=st.one_of(st.none(), st.integers(1, 200)), stream=st.integers(1, 41))
+def test_a_prompt_that_streams_is_a_unit_of_its_own_after_every_earlier_prompt(lengths, batch_size,
+                                                                              window, stream):
+    out = list(units(_items(lengths), batch_size, None, window, None, stream))
+    assert sorted(p for unit in out for batch in unit for p, _ in batch) == list(range(len(lengths)))
+    done = 0  # units are runs of consecutive prompts: a streamed one runs when all before it ran
+    for unit in out:
+        prompts = sorted(p for batch in unit for p, _ in batch)
+        assert prompts == list(range(done, done + len(prompts)))
+        done += len(prompts)
+        long = [p for p in prompts if lengths[p] >= stream]
+        if long:
+            assert unit == [[(long[0], [7] * lengths[long[0]])]]
