@@ -44,7 +44,11 @@ IO-bound case (``--skip-io``): the built-in ``tiny`` model, every GDN hook of ev
 float32: extract and extract+sync against ``disk_dd`` of that store's byte count, same rounds.
 Peak RSS (``--skip-rss``): extract of the main model on N and 10N prompts of 64 tokens, each in a
 fresh process (``--rss-child``) reporting its peak RSS: VmHWM, since ``ru_maxrss`` of an exec'd
-child starts at the forking parent's peak (printed too). Run::
+child starts at the forking parent's peak (printed too).
+Long context (``--long``): one prompt of 8k, 16k, 32k and 64k tokens on ``tiny``, extract
+(per-token hooks; held and streamed rows) and ``attn-matrix``, beside a bare HF forward with SDPA
+(and eager): peak RSS, its ``--dry-run`` estimate and tokens/s; each run a fresh process, so the
+table is ``scripts/bench_long.py``'s, which this calls (``--long-lengths``). Run::
 
     python scripts/bench.py [--batches 8] [--batch-size 8] [--seq-len 256] [--repeats 3]
 """
@@ -517,6 +521,15 @@ def rss_case(args, tmp: Path) -> None:
 
 # -------------------------------------------------------------------------------------- main
 
+def long_case(args) -> None:
+    """One long prompt per fresh process: ``scripts/bench_long.py``'s table (one definition)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_long
+
+    print("long context: one prompt, tiny (CPU), peak RSS above the loaded model")
+    bench_long.main(["--lengths", *map(str, args.long_lengths)] if args.long_lengths else [])
+
+
 def machine_lines() -> list[str]:
     cpu = "unknown"
     try:
@@ -564,6 +577,9 @@ def parse_args(argv):
     parser.add_argument("--rss-prompts", type=int, default=64, help="N of the RSS case (default 64)")
     parser.add_argument("--io-prompts", type=int, default=256, help="prompts of the IO case (default 256)")
     parser.add_argument("--io-seq-len", type=int, default=512, help="tokens per IO-case prompt (default 512)")
+    parser.add_argument("--long", action="store_true", help="also run the long-context case")
+    parser.add_argument("--long-lengths", type=int, nargs="+", default=None,
+                        help="prompt lengths of the long-context case (default bench_long's)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -591,6 +607,9 @@ def main(argv=None) -> None:
         if not args.skip_rss:
             print()
             rss_case(args, tmp)
+        if args.long:
+            print()
+            long_case(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

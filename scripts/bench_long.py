@@ -1,6 +1,6 @@
 """Long context (issue 14): peak memory and speed of one long prompt, each run in a fresh process.
 
-For each prompt length L (``--lengths``, default 4096 8192 16384 32768) on the built-in ``tiny``
+For each prompt length L (``--lengths``, default 8192 16384 32768 65536) on the built-in ``tiny``
 model (CPU), side by side in one run:
 
 - ``bare_sdpa``: transformers' own forward of the same model with ``attn_implementation="sdpa"``
@@ -10,13 +10,19 @@ model (CPU), side by side in one run:
   forward stops before tiny's attention layer, which comes last);
 - ``extract_attn``: the same plus ``blocks.3.hook_resid_post``, so the attention layer runs
   through TransformerLens's attention bridge;
+- ``extract_default``: the default hooks (about 2 KB of rows a token), the rows held until the
+  prompt is done (they are below the default 1 GiB ``--sort-window``);
+- ``extract_stream``: the same with ``--sort-window 16MiB``: a prompt of 8k tokens or more fills
+  a window by itself and streams, its rows written in pieces as the hooks fire;
 - ``attn_matrix``: ``gdn-dump attn-matrix --layer 0`` (the exact matrix of one GDN layer), up to
   ``--matrix-max`` tokens (the matrix is ``heads x L^2 x 4`` bytes on disk).
 
 Each run is a child process with an address-space limit (``--limit-gib``): one that needs more
 reports ``over the limit`` instead of taking the machine down. Reported per run: peak RSS above
-the process's RSS after the model loaded (VmHWM - baseline), tokens/s, and for each contender the
-growth of that peak from the shortest to each length (linear in L would be L / L_min).
+the process's RSS after the model loaded (VmHWM - baseline), tokens/s, for gdn-dump's runs the
+``--dry-run`` estimate of the same (:mod:`gdn_dump.run.memory`, weights left out as in the
+measurement), and for each contender the growth of that peak from the shortest to each length
+(linear in L would be L / L_min). ``scripts/bench.py --long`` runs this table too.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTENDERS = ("bare_sdpa", "bare_eager", "extract", "extract_attn", "attn_matrix")
-HOOKS = {"extract": "beta", "extract_attn": "beta,blocks.3.hook_resid_post"}
+CONTENDERS = ("bare_sdpa", "bare_eager", "extract", "extract_attn", "extract_default",
+              "extract_stream", "attn_matrix")
+OPTIONS = {"extract": dict(hooks="beta"), "extract_attn": dict(hooks="beta,blocks.3.hook_resid_post"),
+           "extract_default": dict(), "extract_stream": dict(sort_window_bytes=16 << 20),
+           "attn_matrix": dict(command="attn-matrix", attn_layers="0", max_attn_bytes=1 << 40, hooks="")}
 
 
 def _rss_kib(field: str) -> int:
@@ -57,21 +66,23 @@ def child(contender: str, length: int, tmp: Path) -> dict:
         seconds = time.perf_counter() - t
     else:
         from gdn_dump.run.options import ExtractOptions
-        from gdn_dump.run.pipeline import extract
+        from gdn_dump.run.pipeline import extract, plan_memory
 
         model = load_model("tiny", device="cpu")
         prompts = tmp / f"long-{length}.jsonl"
         text = model.tokenizer.decode(ids[0].tolist())
         prompts.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
-        kw = (dict(hooks=HOOKS[contender], max_length=length) if contender in HOOKS else
-              dict(command="attn-matrix", attn_layers="0", max_attn_bytes=1 << 40,
-                   max_length=length, hooks=""))
+        opts = ExtractOptions(model="tiny", prompts=str(prompts), out=str(tmp / "s.zarr"),
+                              overwrite=True, force=True, max_length=length, **OPTIONS[contender])
         base = _rss_kib("VmRSS")
         t = time.perf_counter()
-        result = extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(tmp / "s.zarr"),
-                                        overwrite=True, force=True, **kw), model=model)
+        result = extract(opts, model=model)
         seconds = time.perf_counter() - t
-        length = int(result.tokens)
+        peak = (_rss_kib("VmHWM") - base) / 1024
+        (guess,) = plan_memory(opts, model.config, result.plan, result.split, [int(result.tokens)])
+        return {"peak_mib": peak, "seconds": seconds, "tokens": int(result.tokens),
+                "estimate_mib": (guess.host_bytes - guess.weights) / 2**20,
+                "written_mib": result.bytes_written / 2**20}
     return {"peak_mib": (_rss_kib("VmHWM") - base) / 1024, "seconds": seconds, "tokens": length}
 
 
@@ -93,8 +104,10 @@ def run(contender: str, length: int, tmp: Path, limit_gib: float) -> dict | None
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--matrix-max", type=int, default=8192, help="longest attn-matrix prompt")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--matrix-max", type=int, default=16384, help="longest attn-matrix prompt")
+    parser.add_argument("--eager-max", type=int, default=32768, help="longest bare_eager prompt "
+                        "(its [L, L] mask alone is 16 GiB at 64k)")
     parser.add_argument("--limit-gib", type=float, default=16.0, help="address space per child")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     args = parser.parse_args(argv)
@@ -104,23 +117,27 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_long_") as tmp:
         for length in args.lengths:
             for contender in args.contenders:
-                if contender == "attn_matrix" and length > args.matrix_max:
+                if ((contender == "attn_matrix" and length > args.matrix_max)
+                        or (contender == "bare_eager" and length > args.eager_max)):
                     continue
                 results[contender][length] = r = run(contender, length, Path(tmp), args.limit_gib)
                 if r:
                     print(f"  {contender} L={length}: peak {r['peak_mib']:.0f} MiB above baseline, "
                           f"{r['tokens'] / r['seconds']:.0f} tokens/s", flush=True)
     print()
-    print(f"{'contender':<12} {'L':>7} {'peak MiB':>9} {'tokens/s':>9} {'peak growth':>12} {'linear':>7}")
+    print(f"{'contender':<16} {'L':>7} {'peak MiB':>9} {'estimate':>9} {'written MiB':>12} "
+          f"{'tokens/s':>9} {'peak growth':>12} {'linear':>7}")
     for contender, by_length in results.items():
         first = next(((n, r) for n, r in by_length.items() if r), None)
         for n, r in by_length.items():
             if r is None:
-                print(f"{contender:<12} {n:>7} {'over the limit':>9}")
+                print(f"{contender:<16} {n:>7} {'over the limit':>9}")
                 continue
             growth = r["peak_mib"] / max(first[1]["peak_mib"], 1e-9)
-            print(f"{contender:<12} {n:>7} {r['peak_mib']:>9.0f} {r['tokens'] / r['seconds']:>9.0f} "
-                  f"{growth:>11.1f}x {n / first[0]:>6.1f}x")
+            guess = f"{r['estimate_mib']:.0f}" if "estimate_mib" in r else "-"
+            written = f"{r['written_mib']:.0f}" if "written_mib" in r else "-"
+            print(f"{contender:<16} {n:>7} {r['peak_mib']:>9.0f} {guess:>9} {written:>12} "
+                  f"{r['tokens'] / r['seconds']:>9.0f} {growth:>11.1f}x {n / first[0]:>6.1f}x")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ QWEN35_08B = dict(  # published shapes (DESIGN.md section 2)
     num_attention_heads=8, num_key_value_heads=2, head_dim=256,
     linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
     linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320,
-    max_position_embeddings=32768, tie_word_embeddings=True,
+    max_position_embeddings=262144, tie_word_embeddings=True,
 )
 
 

@@ -140,3 +140,19 @@ def peak_above_model(path, length: int, out, **options) -> int:
     peak = json.loads(line.removeprefix("PEAK "))
     assert peak["tokens"] == length, peak
     return peak["above"]
+
+
+def estimated_kib(path, length: int, tmp: Path, **options) -> int:
+    """The dry run's estimate (KiB) of what ``extract`` of one prompt of ``length`` tokens needs
+    above the loaded model (forward, matrices, rows: what :func:`peak_above_model` measures)."""
+    from gdn_dump.model.load import load_config
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract, plan_memory
+
+    prompts = Path(tmp) / "estimate.txt"
+    prompts.write_text("a short prompt\n", encoding="utf-8")
+    opts = ExtractOptions(model=str(path), prompts=str(prompts), out=str(Path(tmp) / "dry.zarr"),
+                          dry_run=True, device="cpu", **options)
+    result = extract(opts)
+    (estimate,) = plan_memory(opts, load_config(str(path)), result.plan, result.split, [length])
+    return (estimate.host_bytes - estimate.weights) // 1024

@@ -166,6 +166,23 @@ def plan_table(plan, title: str = "plan") -> Table:
     return table
 
 
+def memory_table(estimates) -> Table:
+    """The dry run's memory estimate per prompt length (gdn_dump.run.memory)."""
+    device = estimates[0].device
+    table = Table(title=f"memory for one prompt (estimate; device {device})")
+    for column in ("prompt tokens", "weights", "forward", "matrices", "rows (host)",
+                   "device" if device != "cpu" else "total"):
+        table.add_column(column, justify="right")
+    for e in estimates:
+        rows = format_bytes(e.rows) + (" streamed" if e.streams else "")
+        last = e.device_bytes if device != "cpu" else e.host_bytes
+        table.add_row(f"{e.tokens:,}", format_bytes(e.weights), format_bytes(e.forward),
+                      format_bytes(e.matrices), rows, format_bytes(last))
+    table.caption = ("forward: the widest layer's activations; rows: the prompt's rows waiting for "
+                     "the writer (a prompt that fills --sort-window streams them in pieces)")
+    return table
+
+
 def summary_table(result) -> Table:
     table = Table(title=f"wrote {result.out}")
     table.add_column("what")
@@ -202,6 +219,8 @@ def report_run(opts, result, *, quiet: bool, heatmaps: list | None = None, png=N
     """After a run: the plan (dry run), the warnings, the other regions still running, the summary."""
     if opts.dry_run:
         console().print(plan_table(result.plan, title=f"plan for {opts.out} (dry run: nothing written)"))
+        if result.memory:
+            console().print(memory_table(result.memory))
         return
     err = console(stderr=True)
     for name, count in result.nonfinite.items():

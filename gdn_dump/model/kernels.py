@@ -34,6 +34,16 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+def uses_fla(device, kernels: str = "auto") -> bool:
+    """Whether ``--kernels`` on ``device`` runs fla's chunk kernel (see :func:`select_kernels`)."""
+    if kernels not in KERNEL_CHOICES:
+        raise GdnDumpError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
+    if kernels == "fla" and (device.type != "cuda" or not fla_available()):
+        raise GdnDumpError("--kernels fla needs a CUDA device and flash-linear-attention "
+                           "(pip install 'gdn-dump[gpu]')")
+    return kernels != "torch" and device.type == "cuda" and fla_available()
+
+
 def select_kernels(device, kernels: str = "auto") -> str:
     """Bind the GDN chunk kernel and causal conv for ``device``; return the backend's name.
 
@@ -41,12 +51,7 @@ def select_kernels(device, kernels: str = "auto") -> str:
     when that is installed too), transformers' torch reference everywhere else. ``torch`` forces
     the reference (e.g. to compare); ``fla`` requires it.
     """
-    if kernels not in KERNEL_CHOICES:
-        raise GdnDumpError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
-    if kernels == "fla" and (device.type != "cuda" or not fla_available()):
-        raise GdnDumpError("--kernels fla needs a CUDA device and flash-linear-attention "
-                           "(pip install 'gdn-dump[gpu]')")
-    use_fla = kernels != "torch" and device.type == "cuda" and fla_available()
+    use_fla = uses_fla(device, kernels)
     chunk = conv = None
     if use_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RunFailure, Terminated
+from ..model.kernels import uses_fla
 from ..model.load import LoadedModel, catalogue, load_config, load_model, load_tokenizer, resolve_model_dtype
 from ..dtypes import STATE_DTYPE
 from ..ops.stats import for_arrays
@@ -27,6 +28,7 @@ from .capture import Capture, softmax_path
 from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
 from .result import ExtractResult, Reporter
+from .memory import MemoryEstimate, estimate_memory, report_lengths
 from .plan import check_free_space, plan_run, plan_units, stream_tokens
 from .prompts import PromptSource, open_prompts
 from .schedule import HalvingRunner, streams
@@ -68,7 +70,8 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
         plan = plan_run(opts, catalogue(config), tokenizer, source, split.count,
                         getattr(config, "max_position_embeddings", None))
         if opts.dry_run:
-            return ExtractResult(plan, opts.out, split, replaced_lines=source.replaced_lines)
+            return ExtractResult(plan, opts.out, split, replaced_lines=source.replaced_lines,
+                                 memory=plan_memory(opts, config, plan, split))
         if start is Start.CREATE and not opts.force:
             check_free_space(loc, plan.total_bytes)
         device = device_for(opts.device, split)
@@ -90,6 +93,22 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
                     work = run_region(opts, model, plan, source, session, reporter)
     result = _result(opts, plan, split, model, session, work, source.replaced_lines)
     return _finish(result, session)
+
+
+def plan_memory(opts: ExtractOptions, config, plan: Plan, split: WorkSplit,
+                lengths: list[int] | None = None) -> list[MemoryEstimate]:
+    """What one prompt needs, at each of ``lengths`` (default: the plan's longest prompt and 4k /
+    32k / 128k tokens), on the device this process would run on (see :mod:`.memory`)."""
+    device = device_for(opts.device, split)
+    dtype = str(resolve_model_dtype(opts.model_dtype, device)).removeprefix("torch.")
+    if lengths is None:
+        longest = int(plan.prompt_lengths.max()) if plan.n_prompts else 0
+        lengths = report_lengths(longest, getattr(config, "max_position_embeddings", None))
+    return [estimate_memory(config, plan, n, model_dtype=dtype, device=device.type,
+                            fla=uses_fla(device, opts.kernels),
+                            softmax=softmax_path(plan.hooks, plan.matrices),
+                            stream_from=stream_tokens(opts, plan.bytes_per_token))
+            for n in lengths]
 
 
 def _config_and_tokenizer(opts: ExtractOptions):

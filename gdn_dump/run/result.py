@@ -54,3 +54,4 @@ class ExtractResult:
     session: Session | None = None
     status: str = "in_progress"  # of the whole store once this process is done
     pending_regions: list[int] = field(default_factory=list)  # regions other processes still run
+    memory: list = field(default_factory=list)  # dry run: a memory.MemoryEstimate per prompt length

@@ -29,6 +29,7 @@ from ..store.states import STATE_FINAL
 from ..store.ledger import differences, mark_ready, read_record, ready_info, wait_ready, write_record
 from ..store.location import Location, locate
 from ..store.tally import Tally
+from .plan import stream_tokens
 from .split import Barrier, WorkSplit, run_id
 
 
@@ -97,6 +98,8 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
         "chunks": {a.name: [list(a.chunks), list(a.shards) if a.shards else None] for a in plan.arrays},
         "batch_size": opts.batch_size, "max_batch_tokens": opts.max_batch_tokens,
         "sort_window_bytes": opts.sort_window_bytes,
+        # prompts this long are units of their own (they stream): part of how units are cut
+        "stream_tokens": stream_tokens(opts, plan.bytes_per_token),
         "states": state_provenance(plan),
         "processes": split.count,
     }

@@ -16,7 +16,7 @@ from gdn_dump.model.attention import BRIDGE, SDPA, memory_efficient_attention
 from gdn_dump.run.options import ExtractOptions
 from gdn_dump.run.pipeline import extract
 
-from ..helpers import RAGGED_PROMPTS, peak_above_model, reference_cache
+from ..helpers import RAGGED_PROMPTS, estimated_kib, peak_above_model, reference_cache
 
 BETWEEN = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 TOLERANCE = 1e-5  # relative to the array's largest value, float32 (measured: 4e-7 on tiny)
@@ -99,3 +99,6 @@ def test_memory_of_a_gdn_layer_after_an_attention_layer_is_linear_in_the_length(
     peaks = {n: peak_above_model(path, n, tmp_path / f"s{n}.zarr", hooks="beta", layers="2")
              for n in (4096, 16384)}
     assert peaks[16384] <= 5 * peaks[4096], peaks
+    for n, peak in peaks.items():  # the --dry-run estimate of the same
+        estimate = estimated_kib(path, n, tmp_path, hooks="beta", layers="2")
+        assert 0.5 <= estimate / peak <= 2, (n, estimate, peak)
