@@ -15,7 +15,8 @@ model (CPU), side by side in one run:
 - ``extract_stream``: the same with ``--sort-window 16MiB``: a prompt of 8k tokens or more fills
   a window by itself and streams, its rows written in pieces as the hooks fire;
 - ``attn_matrix``: ``gdn-dump attn-matrix --layer 0`` (the exact matrix of one GDN layer), up to
-  ``--matrix-max`` tokens (the matrix is ``heads x L^2 x 4`` bytes on disk).
+  ``--matrix-max`` tokens (the matrix is ``heads x L^2 x 4`` bytes on disk, half of it written);
+- ``attn_matrix_head``: the same for head 0 alone, at every length (8 GiB written at 64k).
 
 Each run is a child process with an address-space limit (``--limit-gib``): one that needs more
 reports ``over the limit`` instead of taking the machine down. Reported per run: peak RSS above
@@ -37,10 +38,12 @@ import time
 from pathlib import Path
 
 CONTENDERS = ("bare_sdpa", "bare_eager", "extract", "extract_attn", "extract_default",
-              "extract_stream", "attn_matrix")
+              "extract_stream", "attn_matrix", "attn_matrix_head")
 OPTIONS = {"extract": dict(hooks="beta"), "extract_attn": dict(hooks="beta,blocks.3.hook_resid_post"),
            "extract_default": dict(), "extract_stream": dict(sort_window_bytes=16 << 20),
-           "attn_matrix": dict(command="attn-matrix", attn_layers="0", max_attn_bytes=1 << 40, hooks="")}
+           "attn_matrix": dict(command="attn-matrix", attn_layers="0", max_attn_bytes=1 << 40, hooks=""),
+           "attn_matrix_head": dict(command="attn-matrix", attn_layers="0", attn_heads="0",
+                                    max_attn_bytes=1 << 40, hooks="")}
 
 
 def _rss_kib(field: str) -> int:
