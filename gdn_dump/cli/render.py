@@ -168,6 +168,7 @@ def plan_table(plan, title: str = "plan") -> Table:
 
 def memory_table(estimates) -> Table:
     """The dry run's memory estimate per prompt length (gdn_dump.run.memory)."""
+    from ..run.memory import RUN_OVERHEAD
     device = estimates[0].device
     table = Table(title=f"memory for one prompt (estimate; device {device})")
     for column in ("prompt tokens", "weights", "forward", "matrices", "rows (host)",
@@ -179,7 +180,8 @@ def memory_table(estimates) -> Table:
         table.add_row(f"{e.tokens:,}", format_bytes(e.weights), format_bytes(e.forward),
                       format_bytes(e.matrices), rows, format_bytes(last))
     table.caption = ("forward: the widest layer's activations; rows: the prompt's rows waiting for "
-                     "the writer (a prompt that fills --sort-window streams them in pieces)")
+                     "the writer (a prompt that fills --sort-window streams them in pieces); host "
+                     f"totals include {format_bytes(RUN_OVERHEAD)} for the run itself")
     return table
 
 

@@ -9,7 +9,8 @@ An estimate from the model's config and the plan, no weights loaded, in four par
 - ``matrices``: what the exact attention matrices keep during the forward (the hooks they are
   computed from) and need after it (per head a ``d_k x L`` state and a block of rows);
 - ``rows``: the prompt's rows on the host while they wait for the writer, all of them below the
-  streaming length, a few :data:`~gdn_dump.run.capture.PIECE_BYTES` pieces above it.
+  streaming length, a few :data:`~gdn_dump.run.capture.PIECE_BYTES` pieces above it;
+- and a fixed :data:`RUN_OVERHEAD` on the host (threads, TensorStore, the store's metadata).
 
 The per-token constants of the GDN kernels count the float32 tensors transformers' torch
 reference keeps live at once (expanded q/k, v, their beta-scaled and chunked copies, the chunk's
@@ -31,6 +32,7 @@ GDN_CHUNK = 64  # tokens per chunk of both GDN kernels
 _F32 = 4
 _QUEUE = 3  # sink queue (2) and the piece in hand
 _WRITER_PENDING = 8  # chunks queued to the writer thread (RowWriter's max_pending)
+RUN_OVERHEAD = 64 << 20  # what a run costs beside the model whatever the prompt (measured 35-100 MiB)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class MemoryEstimate:
 
     @property
     def host_bytes(self) -> int:
-        return self.rows + (self.device_bytes if self.device == "cpu" else 0)
+        return RUN_OVERHEAD + self.rows + (self.device_bytes if self.device == "cpu" else 0)
 
 
 def estimate_memory(config, plan: Plan, tokens: int, *, model_dtype: str, device: str,
