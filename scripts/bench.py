@@ -10,7 +10,7 @@ of ``--batch-size`` prompts:
 - ``bare_forward``: the ceiling. The HF base model (``Qwen3_5TextModel``, no lm_head) of an
   untouched deep copy of the HF model (booting the bridge swaps the HF model's submodules for
   TransformerLens bridge components), its ``layers`` cut to the ``stop`` layers extract runs
-  (``gdn_dump.run.capture._stop_layer``: up to the last layer with a selected hook) and its final norm
+  (``gdn_dump.run.capture.stop_layer``: up to the last layer with a selected hook) and its final norm
   replaced by ``Identity`` (extract stops before ``ln_final``), called as ``base(input_ids,
   use_cache=False)`` under ``torch.inference_mode``: no hooks, nothing stored.
 - ``bridge_in_memory``: ``bridge.run_with_cache(input_ids, names_filter=<the hooks>,
@@ -78,7 +78,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gdn_dump.run.capture import _stop_layer, pad_batch  # noqa: E402
+from gdn_dump.run.capture import stop_layer, pad_batch  # noqa: E402
 from gdn_dump.catalogue import GDN_HOOKS, Catalogue  # noqa: E402
 from gdn_dump.catalogue import ATTENTION_LAYER_TYPE, GDN_LAYER_TYPE  # noqa: E402
 from gdn_dump.model.load import LoadedModel, load_model, wrap_model  # noqa: E402
@@ -381,7 +381,7 @@ def main_case(args, tmp: Path, block: bytes) -> None:
 
     hooks = Catalogue(model.config).select(None, None)
     names = [h.name for h in hooks]
-    stop = _stop_layer(hooks)
+    stop = stop_layer(hooks)
     plan = make_plan(hooks, np.array([len(t) for t in token_lists]), storage_dtype=args.dtype)
     warm_plan = make_plan(hooks, np.array([len(t) for t in warm_lists]), storage_dtype=args.dtype)
     nbytes = plan.total_bytes
@@ -455,7 +455,7 @@ def io_case(args, tmp: Path, block: bytes) -> None:
     batches = padded_batches(token_lists, args.batch_size, model.tokenizer.pad_token_id or 0)
     names = [h.name for h in plan.hooks]
     contenders = {
-        "bridge_in_memory": lambda out: run_in_memory(model, batches, names, _stop_layer(plan.hooks)),
+        "bridge_in_memory": lambda out: run_in_memory(model, batches, names, stop_layer(plan.hooks)),
         "extract": lambda out: extract_synced(run, out),
         "writer_only": lambda out: extract_synced(
             lambda o: run_writer_only(plan, o, args.batch_size * args.io_seq_len), out),

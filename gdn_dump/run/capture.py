@@ -142,7 +142,7 @@ class Capture:
         self.dtypes = {h.name: state_dtype if h.kind == STATE else hook_dtype(h.scalar, storage_dtype)
                        for h in hooks}
         attn_layers = [a.layer for a in attention.layers] if attention else []
-        self.stop_at_layer = _stop_layer(hooks, attn_layers)
+        self.stop_at_layer = stop_layer(hooks, attn_layers)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # the state hook never fires (TransformerLens fires it only on its eager scan): the
@@ -330,7 +330,7 @@ def softmax_path(hooks: list[HookSpec], matrices) -> str:
     return BRIDGE if needs else SDPA
 
 
-def _stop_layer(hooks: list[HookSpec], extra_layers: list[int] = ()) -> int | None:
+def stop_layer(hooks: list[HookSpec], extra_layers: list[int] = ()) -> int | None:
     """Stop the forward after the last layer that has a selected hook (skips the unembed)."""
     if any(h.layer_type == MODEL for h in hooks):
         return None

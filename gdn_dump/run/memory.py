@@ -26,7 +26,7 @@ from ..dtypes import itemsize
 from ..store.layout import Plan
 from ..model.attention import BRIDGE
 from .attn_capture import block_rows
-from .capture import PIECE_BYTES
+from .capture import PIECE_BYTES, stop_layer
 
 GDN_CHUNK = 64  # tokens per chunk of both GDN kernels
 _F32 = 4
@@ -61,7 +61,8 @@ def estimate_memory(config, plan: Plan, tokens: int, *, model_dtype: str, device
     """The estimate for a prompt of ``tokens`` tokens run with ``plan`` (``softmax``:
     :func:`gdn_dump.run.capture.softmax_path`; ``stream_from``: :func:`.plan.stream_tokens`)."""
     b = itemsize(model_dtype)
-    layers = config.layer_types[:_last_layer(plan, len(config.layer_types))]
+    stop = stop_layer(plan.hooks, [a.layer for a in plan.matrices])  # the layers the forward runs
+    layers = config.layer_types[:stop]
     per_token = max([_gdn_bytes(config, b, fla) if t == GDN_LAYER_TYPE else
                      _attention_bytes(config, b, tokens if softmax == BRIDGE else 0)
                      for t in layers] + [_mlp_bytes(config, b)])
@@ -75,9 +76,9 @@ def estimate_memory(config, plan: Plan, tokens: int, *, model_dtype: str, device
 def _streamed_rows(plan: Plan, tokens: int) -> int:
     """Host bytes of a streamed prompt's rows: the pieces in the sink's queue, the chunks queued
     to the writer and each array's chunk buffer (whole chunks are written, never rewritten)."""
-    writes = [a.write_rows * a.nbytes // max(a.shape[0], 1) for a in plan.arrays if a.stream]
-    piece = min(PIECE_BYTES, max(tokens * a.nbytes // max(a.shape[0], 1) for a in plan.arrays
-                                 if a.stream) if writes else 0)
+    row_bytes = [a.nbytes // max(a.shape[0], 1) for a in plan.arrays if a.stream]
+    writes = [a.write_rows * r for a, r in zip((a for a in plan.arrays if a.stream), row_bytes)]
+    piece = min(PIECE_BYTES, tokens * max(row_bytes, default=0))
     return _QUEUE * piece + _WRITER_PENDING * max(writes, default=0) + sum(writes)
 
 
@@ -157,14 +158,6 @@ def _matrix_bytes(config, plan: Plan, tokens: int, b: int) -> int:
             after = heads * tokens * tokens * _F32
         total += after
     return total
-
-
-def _last_layer(plan: Plan, n_layers: int) -> int:
-    """Layers the forward runs (it stops after the last one with a selected hook)."""
-    layers = [h.layer for h in plan.hooks] + [a.layer for a in plan.matrices]
-    if any(layer is None for layer in layers) or not layers:
-        return n_layers
-    return max(layers) + 1
 
 
 def report_lengths(longest: int, max_positions: int | None) -> list[int]:
