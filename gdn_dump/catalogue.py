@@ -48,6 +48,11 @@ ATTENTION = "attention"
 MODEL = "model"
 PER_TOKEN = "per_token"
 ATTENTION_MATRIX = "attention_matrix"
+# Per-row arrays that are not hooks: the token ids, and with --context-size each row's source
+# document (store contract, DESIGN.md 4)
+TOKENS_ARRAY = "tokens"
+ROW_DOCUMENT = "row_document"
+ROW_ARRAYS = (TOKENS_ARRAY, ROW_DOCUMENT)
 STATE = "state"  # rows along the ``state`` axis: snapshots of S_t (store contract, DESIGN.md 4)
 
 # short name -> (hook suffix, dims of the trailing shape, per-head scalar)

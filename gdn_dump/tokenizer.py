@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 TINY_NAME = "tiny"
+#: A small ChatML template (as Qwen's), so chat input (--chat) works on the built-in model too.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tiny_tokenizer():
@@ -21,7 +26,8 @@ def build_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE,
     )
 
 

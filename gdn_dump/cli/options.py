@@ -120,6 +120,35 @@ def parse_size(value: Any, option: str = "the size") -> int:
     return int(size)
 
 
+COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_COUNT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?([a-z]?)", re.IGNORECASE)
+
+
+def parse_count(value: Any, option: str = "the count") -> int:
+    """``50M``, ``2B``, ``1.5k``, ``1e6``, ``1000000`` -> a whole number (K, M, B or G, T: powers
+    of 1000). Raises :class:`ValueError`, one line naming ``option``, for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):  # from a --config file
+        return value
+    text = str(value)
+    match = _COUNT.fullmatch("".join(text.split()))
+    if match is None or match[3].lower() not in COUNT_UNITS:
+        raise ValueError(f"{option}: cannot read the count {text!r}; use e.g. 50M, 2B, 100k or 1000000")
+    digits, exponent, unit = match.groups()
+    if len(digits) > 20 or int(exponent or 0) > 20:
+        raise ValueError(f"{option} {text!r} is out of range")
+    number = Fraction(digits) * 10 ** int(exponent or 0) * COUNT_UNITS[unit.lower()]
+    if number.denominator != 1:
+        raise ValueError(f"{option} {text!r} is not a whole number")
+    return int(number)
+
+
+def _count(value: Any) -> int:
+    try:
+        return parse_count(value, "{option}")
+    except ValueError as exc:
+        raise OptionValueError(str(exc)) from None
+
+
 def _size(value: Any) -> int:
     try:
         return parse_size(value, "{option}")  # named once click has attached the option
@@ -203,10 +232,28 @@ AllowPickleWeights = Annotated[bool, option(panel=MODEL,
                                             help="Allow non-safetensors (pickle) weight files.")]
 
 # Prompts
-Prompts = Annotated[str, option("--prompts", "-p", metavar="FILE", panel=PROMPTS,
-                                help=".txt (a prompt per line), .jsonl, or - for stdin.")]
+Prompts = Annotated[list[str], option("--prompts", "-p", metavar="PATH", panel=PROMPTS, help=(
+    ".txt (a prompt per line), .jsonl, .parquet, a datasets save_to_disk directory, .gz / .zst "
+    "compressed, - for stdin; a glob or several --prompts: one stream, files in sorted order."))]
 TextField = Annotated[str, option(metavar="FIELD", panel=PROMPTS,
-                                  help="The .jsonl field that holds the prompt.")]
+                                  help="The field that holds the prompt (.jsonl, .parquet, datasets).")]
+IdField = Annotated[str, option(metavar="FIELD", panel=PROMPTS, help=(
+    "The field that holds a record's id (absent: its 0-based line or row index in the stream)."))]
+Chat = Annotated[bool, option(panel=PROMPTS, help=(
+    "Records hold conversations (--messages-field: a list of {role, content}), rendered with the "
+    "tokenizer's chat template."))]
+MessagesField = Annotated[str, option(metavar="FIELD", panel=PROMPTS,
+                                      help="With --chat: the field that holds the messages.")]
+AddGenerationPrompt = Annotated[bool, option(panel=PROMPTS, help=(
+    "With --chat: end each conversation with the template's assistant turn opening."))]
+TokensField = Annotated[Optional[str], option(metavar="FIELD", panel=PROMPTS, help=(
+    "Records hold token ids in this field (a list of ints), used as given: no special tokens added."))]
+ContextSize = Annotated[Optional[int], option(metavar="N", panel=PROMPTS, help=(
+    "Pack documents (each ended by EOS, no other special tokens) into contexts of exactly N tokens "
+    "(ids ctx-<k>; row_document says which document each row came from)."))]
+MaxTokens = Annotated[Optional[int], option(metavar="COUNT", panel=PROMPTS, parser=_count, help=(
+    "Stop after this many stored tokens (e.g. 50M, 2B): packed, COUNT // N contexts; else the "
+    "prompts in order, the last one cut to fit."))]
 MaxLength = Annotated[Optional[int], option(metavar="N", panel=PROMPTS,
                                             help="Longest prompt in tokens; see --on-long.")]
 OnLong = Annotated[str, choice(ON_LONG, panel=PROMPTS, help=(

@@ -25,6 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..catalogue import ROW_ARRAYS
+
 HEAD_DIMS = ("k_head", "v_head", "attn_head", "kv_head", "attn_q_gate_head")
 LN_HALF = math.log(0.5)
 HALF_LIFE_EDGES = np.logspace(-2, 7, 91)  # tokens, 10 bins per decade
@@ -45,7 +47,7 @@ def histogram_kind(name: str) -> str | None:
 def wants_stats(name: str, dims: Iterable[str]) -> bool:
     """Per-token hook arrays: not ``tokens``, the prompt index or the attention matrices."""
     dims = tuple(dims)
-    return bool(dims) and dims[0] == "token" and name != "tokens"
+    return bool(dims) and dims[0] == "token" and name not in ROW_ARRAYS
 
 
 def head_layout(dims: Iterable[str], shape: Iterable[int]) -> tuple[str | None, int, int]:

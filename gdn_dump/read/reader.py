@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from ..catalogue import state_layers
+from ..catalogue import ROW_ARRAYS, state_layers
 from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
@@ -82,7 +82,7 @@ class Store:
         """Names of the stored per-token hook arrays ``[n_rows, ...]``, in provenance order."""
         listed = self.provenance.get("hooks") or sorted(self._dims)
         return [name for name in listed
-                if name != "tokens" and self._dims.get(name, ("",))[0] == TOKEN_DIM]
+                if name not in ROW_ARRAYS and self._dims.get(name, ("",))[0] == TOKEN_DIM]
 
     @cached_property
     def matrices(self) -> list[str]:

@@ -19,7 +19,7 @@ from ..store.create import COMPRESSORS
 from ..store.states import state_stride
 from ..store.location import locate
 from ..store.writer import WRITERS
-from .prompts import ENCODING_ERRORS
+from .sources import ENCODING_ERRORS, Fields
 from .tokens import ON_LONG
 
 
@@ -31,7 +31,7 @@ class ExtractOptions:
     """Everything ``gdn-dump extract`` takes; the names are the CLI option names."""
 
     model: str
-    prompts: str
+    prompts: str | list[str]  # paths, globs, datasets directories, "-" for stdin: one stream
     out: str
     hooks: str | None = None
     layers: str | None = None
@@ -42,6 +42,13 @@ class ExtractOptions:
     allow_pickle_weights: bool = False
     kernels: str = "auto"
     text_field: str = "text"
+    id_field: str = "id"
+    chat: bool = False  # records hold conversations (messages_field), rendered by the chat template
+    messages_field: str = "messages"
+    add_generation_prompt: bool = False
+    tokens_field: str | None = None  # records hold token ids, used as given
+    context_size: int | None = None  # pack documents into contexts of exactly this many tokens
+    max_tokens: int | None = None  # stop after this many stored tokens
     encoding_errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD, lines counted
     max_length: int | None = None
     on_long: str = "truncate"  # a prompt over max_length: truncate, skip (no tokens) or error
@@ -118,5 +125,20 @@ def _validate(opts: ExtractOptions) -> None:
         raise GdnDumpError(f"--sort-window must be 0 (off) or a size, not {opts.sort_window_bytes}")
     if opts.max_length is not None and opts.max_length < 1:
         raise GdnDumpError(f"--max-length must be at least 1, not {opts.max_length}")
+    for option, value in (("--context-size", opts.context_size), ("--max-tokens", opts.max_tokens)):
+        if value is not None and value < 1:
+            raise GdnDumpError(f"{option} must be at least 1, not {value}")
+    if opts.context_size is not None and (opts.max_length is not None or opts.on_long != "truncate"):
+        raise GdnDumpError("--max-length and --on-long do not apply with --context-size (every "
+                           "context is exactly --context-size tokens)")
+    if opts.add_generation_prompt and not opts.chat:
+        raise GdnDumpError("--add-generation-prompt needs --chat")
+    fields(opts).check()
     if opts.on_long != "truncate" and opts.max_length is None:
         raise GdnDumpError(f"--on-long {opts.on_long} needs --max-length (the length that is too long)")
+
+
+def fields(opts: ExtractOptions) -> Fields:
+    """Which fields of the input's records matter (one definition for the plan and the run)."""
+    return Fields(text=opts.text_field, id=opts.id_field, messages=opts.messages_field,
+                  tokens=opts.tokens_field, chat=opts.chat)

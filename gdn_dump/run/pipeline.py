@@ -30,13 +30,15 @@ from .options import ExtractOptions, resolve
 from .result import ExtractResult, Reporter
 from .memory import MemoryEstimate, estimate_memory, report_lengths
 from .plan import check_free_space, plan_run, plan_units, stream_tokens
-from .prompts import PromptSource, open_prompts
+from .inputs import InputPlan, region_items
+from .options import fields
+from .sources import Corpus, open_corpus
 from .schedule import HalvingRunner, streams
 from .session import (Clock, ProgressRecorder, Session, Start, decide, fault, fingerprint,
                       open_session, peak_rss, resumable, signals_as_exceptions, state_provenance)
 from .sink import BatchSink, UnitEnd
 from .split import Barrier, WorkSplit, detect_split, device_for
-from .tokens import tokenized
+from .tokens import Encoder
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,12 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
     opts = resolve(opts)
     split = detect_split(opts.shard)
     start, loc = decide(opts, split)
-    with open_prompts(opts.prompts, text_field=opts.text_field,
-                      encoding_errors=opts.encoding_errors) as source:
+    with open_corpus(opts.prompts, fields=fields(opts), encoding_errors=opts.encoding_errors) as source:
         config, tokenizer = ((model.config, model.tokenizer) if model is not None else
                              _config_and_tokenizer(opts))
-        plan = plan_run(opts, catalogue(config), tokenizer, source, split.count,
-                        getattr(config, "max_position_embeddings", None))
+        encode = encoder(opts, tokenizer, config)
+        plan, inputs = plan_run(opts, catalogue(config), encode, source, split.count,
+                                getattr(config, "max_position_embeddings", None), split.index)
         if opts.dry_run:
             return ExtractResult(plan, opts.out, split, replaced_lines=source.replaced_lines,
                                  memory=plan_memory(opts, config, plan, split))
@@ -76,7 +78,7 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
             check_free_space(loc, plan.total_bytes)
         device = device_for(opts.device, split)
         model_dtype = model.dtype if model is not None else resolve_model_dtype(opts.model_dtype, device)
-        fp = fingerprint(opts, plan, source, split, str(model_dtype))
+        fp = fingerprint(opts, plan, source, split, str(model_dtype), inputs)
         resumed = resumable(opts, loc, fp) if start is Start.RESUME else None
         model = model or load_model(
             opts.model, revision=opts.revision, device=str(device), model_dtype=opts.model_dtype,
@@ -84,13 +86,14 @@ def extract(opts: ExtractOptions, reporter: Reporter | None = None,
             kernels=opts.kernels,
         )
         with Barrier(split, opts.wait_timeout) as barrier:
-            session = open_session(opts, start, loc, plan, source, split, fp,
-                                   run_provenance(opts, model, plan, source, split), barrier,
-                                   resumed=resumed, on_open=reporter.opened)
+            session = open_session(opts, start, loc, plan, inputs.prompt_ids(source), split, fp,
+                                   run_provenance(opts, model, plan, source, split, inputs),
+                                   barrier, resumed=resumed, on_open=reporter.opened)
             work = None
             if not session.region_done and not session.store_complete:
                 with signals_as_exceptions():
-                    work = run_region(opts, model, plan, source, session, reporter)
+                    work = run_region(opts, model, plan, Input(source, encode, inputs), session,
+                                      reporter)
     result = _result(opts, plan, split, model, session, work, source.replaced_lines)
     return _finish(result, session)
 
@@ -109,6 +112,22 @@ def plan_memory(opts: ExtractOptions, config, plan: Plan, split: WorkSplit,
                             softmax=softmax_path(plan.hooks, plan.matrices),
                             stream_from=stream_tokens(opts, plan.bytes_per_token))
             for n in lengths]
+
+
+def encoder(opts: ExtractOptions, tokenizer, config) -> Encoder:
+    """How this run's documents become token ids (:class:`~.tokens.Encoder`)."""
+    return Encoder(tokenizer, fields(opts).mode, packed=opts.context_size is not None,
+                   vocab_size=getattr(config, "vocab_size", None),
+                   add_generation_prompt=opts.add_generation_prompt, model=opts.model)
+
+
+@dataclass(frozen=True)
+class Input:
+    """What a region reads: the corpus, how it is encoded, and what the plan kept of it."""
+
+    corpus: Corpus
+    encode: Encoder
+    plan: InputPlan
 
 
 def _config_and_tokenizer(opts: ExtractOptions):
@@ -147,7 +166,7 @@ def _finish(result: ExtractResult, session: Session) -> ExtractResult:
     return result
 
 
-def run_region(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: PromptSource,
+def run_region(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: Input,
                session: Session, reporter: Reporter) -> RegionWork:
     """Capture and write the units of this process's region, from ``session.resume_from`` on."""
     first, hi = session.resume_from, session.hi
@@ -156,15 +175,17 @@ def run_region(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: Pro
     writer = RowWriter(session.group, plan.arrays, starts=starts, engine=opts.writer)
     recorder = ProgressRecorder(session, plan)
     before = session.resumed_tally()
+    row_documents = {} if source.plan.packing is not None else None
     sink = BatchSink(writer, plan, start_prompt=first, recorder=recorder,
                      checkpoint_every=opts.checkpoint_every, fail_on_nonfinite=opts.fail_on_nonfinite,
                      stats=session.resumed_stats(plan) if opts.stats else {},
-                     tally=before.snapshot(), clock=Clock(before.seconds))
+                     tally=before.snapshot(), clock=Clock(before.seconds),
+                     row_documents=row_documents)
     runner = HalvingRunner(_capture(opts, model, plan), _pad_id(model.tokenizer), reporter.note)
     todo = plan.prompt_starts[hi - 1] + plan.prompt_lengths[hi - 1] - start_row if hi > first else 0
     reporter.start(hi - first, int(todo))
     try:
-        _feed(opts, plan, source, session, model.tokenizer, runner, sink, writer, reporter)
+        _feed(opts, plan, source, session, row_documents, runner, sink, writer, reporter)
         sink.close(end_prompt=hi)
         writer.close()
     except (KeyboardInterrupt, Terminated):
@@ -184,12 +205,14 @@ def run_region(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: Pro
     return RegionWork(before, after, writer.bytes_written, sink.peak_held_bytes, peak_rss())
 
 
-def _feed(opts, plan: Plan, source, session: Session, tokenizer, runner: HalvingRunner,
-          sink: BatchSink, writer: RowWriter, reporter: Reporter) -> None:
+def _feed(opts, plan: Plan, source: Input, session: Session, row_documents: dict | None,
+          runner: HalvingRunner, sink: BatchSink, writer: RowWriter, reporter: Reporter) -> None:
     """Run every unit of the region from ``resume_from`` on and hand the batches to the sink."""
     first, hi = session.resume_from, session.hi
-    items = tokenized(source, tokenizer, opts.max_length, plan.prompt_lengths, first, hi,
-                      opts.on_long)
+    # packed contexts are cut from the region's start (where its documents begin), kept from first
+    lo = session.lo if source.plan.packing is not None else first
+    items = _from(region_items(source.encode, source.corpus, source.plan, session.region, lo, hi,
+                               row_documents), first, plan.prompt_lengths, row_documents)
     row_bytes = plan.bytes_per_token
     long = stream_tokens(opts, row_bytes)
     for unit in plan_units(opts, plan.prompt_lengths, row_bytes, plan.prompt_chunk, items):
@@ -203,6 +226,16 @@ def _feed(opts, plan: Plan, source, session: Session, tokenizer, runner: Halving
                 sink.put(captured)
             reporter.advance(len(batch), sum(len(t) for _, t in batch), writer.bytes_written)
         sink.put(UnitEnd(max(p for batch in unit for p, _ in batch) + 1, runner.retries))
+
+
+def _from(items, first: int, lengths, row_documents: dict | None):
+    """Stand-ins (``range(length)``) for the prompts before ``first``, read only to reach it."""
+    for index, tokens in items:
+        if index < first and not isinstance(tokens, range):
+            if row_documents is not None:
+                row_documents.pop(index, None)
+            tokens = range(int(lengths[index]))
+        yield index, tokens
 
 
 def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
@@ -242,8 +275,8 @@ def stats_on_device(device) -> bool:
     return device.type == "cuda"
 
 
-def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
-                   split: WorkSplit) -> dict:
+def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source: Corpus,
+                   split: WorkSplit, inputs: InputPlan) -> dict:
     """The group attribute ``gdn_dump`` a new store starts with (DESIGN.md section 4)."""
     return {
         **provenance_base(opts.command_line),
@@ -255,9 +288,17 @@ def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source,
         "softmax_attention": softmax_path(plan.hooks, plan.matrices),
         "compressor": opts.compressor,
         "writer": opts.writer,
-        "prompts": {"path": str(source.display), "sha256": source.sha256, "count": source.count,
-                    "format": source.format, "text_field": opts.text_field,
+        "prompts": {"path": str(source.display), "sha256": source.sha256, "count": plan.n_prompts,
+                    "documents": source.count, "files": source.provenance(),
+                    "format": source.format, "input": fields(opts).mode,
+                    "text_field": opts.text_field, "id_field": opts.id_field,
+                    "messages_field": opts.messages_field if opts.chat else None,
+                    "add_generation_prompt": opts.add_generation_prompt if opts.chat else None,
+                    "tokens_field": opts.tokens_field,
                     "encoding_errors": opts.encoding_errors, "replaced_lines": source.replaced_lines},
+        "max_tokens": opts.max_tokens,
+        "budget_cut_tokens": inputs.budget_tokens,
+        "packing": inputs.packing.provenance() if inputs.packing is not None else None,
         "max_length": opts.max_length,
         "on_long": opts.on_long,
         "truncated": plan.truncated,

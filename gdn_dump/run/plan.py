@@ -1,7 +1,8 @@
 """The plan of a run, made once from the options, the catalogue and the prompt lengths.
 
-Every process computes the same plan from the prompt file alone: the selection (hooks, matrices),
-every prompt's stored length (``--max-length``, ``--on-long``), the units of the run
+Every process computes the same plan from the input alone: the selection (hooks, matrices),
+every prompt's stored length (:mod:`.inputs`: ``--max-length``, ``--on-long``, ``--max-tokens``,
+packed contexts), the units of the run
 (:mod:`gdn_dump.run.schedule`) and, for several processes, the regions
 (:func:`gdn_dump.run.split.split_regions`), which depend only on those units. Then the store's
 layout (:func:`gdn_dump.store.layout.make_plan`) is laid out once, with the regions.
@@ -18,37 +19,46 @@ from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, promp
 from ..store.states import DEFAULT_STATE_EVERY, state_stride
 from ..store.location import Location
 from .options import SORT_WINDOW_BYTES, ExtractOptions
-from .prompts import PromptSource
+from .inputs import InputPlan, plan_inputs
 from .schedule import units
+from .sources import Corpus
 from .split import split_regions
-from .tokens import describe, tokenized_blocks
+from .tokens import Encoder, describe
 
 
-def plan_run(opts: ExtractOptions, catalogue: Catalogue, tokenizer, source: PromptSource,
-             processes: int = 1, max_positions: int | None = None) -> Plan:
-    """Resolve the selection, tokenise every prompt once for its length, lay out the store with
-    ``processes`` regions (each starting on a chunk boundary), and check the matrix budget."""
+def plan_run(opts: ExtractOptions, catalogue: Catalogue, encode: Encoder, source: Corpus,
+             processes: int = 1, max_positions: int | None = None, region: int = 0
+             ) -> tuple[Plan, InputPlan]:
+    """Resolve the selection, decide every prompt's stored length (:mod:`.inputs`: each
+    prompt or document encoded once), lay out the store with ``processes`` regions (each starting
+    on a chunk boundary), and check the matrix budget."""
     option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
     matrices = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
                 if opts.attn_layers else [])
     hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices))
     state_every, state_dtype = state_options(opts, any(h.kind == STATE for h in hooks))
-    lengths, truncated, skipped = prompt_lengths(opts, tokenizer, source)
-    check_positions(lengths, max_positions, source)
-    regions = None
-    if processes > 1:
-        row_bytes = bytes_per_token(hooks, opts.dtype, state_stride(state_every), state_dtype)
+    if opts.context_size is not None and max_positions is not None and opts.context_size > max_positions:
+        raise GdnDumpError(f"--context-size {opts.context_size} is over the model's "
+                           f"max_position_embeddings {max_positions}")
+    row_bytes = bytes_per_token(hooks, opts.dtype, state_stride(state_every), state_dtype)
+
+    def regions_for(lengths: np.ndarray) -> list[tuple[int, int]] | None:
+        if processes == 1:
+            return None
         cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths))
         starts = [min(p for batch in unit for p, _ in batch)
                   for unit in plan_units(opts, lengths, row_bytes, cut_every)]
-        regions = split_regions(starts, lengths, processes, cut_every=cut_every)
-    plan = make_plan(hooks, lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
+        return split_regions(starts, lengths, processes, cut_every=cut_every)
+
+    inputs, regions = plan_inputs(opts, encode, source, processes, region, regions_for)
+    check_positions(inputs.lengths, max_positions, source)
+    plan = make_plan(hooks, inputs.lengths, storage_dtype=opts.dtype, chunk_tokens=opts.chunk_tokens,
                      shard_tokens=opts.shard_tokens, max_length=opts.max_length,
-                     truncated=truncated, skipped=skipped, matrices=matrices,
+                     truncated=inputs.truncated, skipped=inputs.skipped, matrices=matrices,
                      attn_mode=opts.attn_mode, regions=regions, state_every=state_every,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype, row_documents=inputs.packing is not None)
     check_budget(plan, opts.max_attn_bytes)
-    return plan
+    return plan, inputs
 
 
 def state_options(opts: ExtractOptions, states: bool) -> tuple[int | str, str]:
@@ -65,30 +75,7 @@ def state_options(opts: ExtractOptions, states: bool) -> tuple[int | str, str]:
     return every, opts.state_dtype or STATE_DTYPE
 
 
-def prompt_lengths(opts: ExtractOptions, tokenizer, source: PromptSource
-                   ) -> tuple[np.ndarray, int, int]:
-    """Stored tokens of every prompt (after ``--max-length`` / ``--on-long``), and how many
-    were truncated and skipped; ``--on-long error`` fails here, before anything is written."""
-    lengths = np.empty(source.count, dtype=np.int64)
-    raw = np.empty(source.count, dtype=np.int64)
-    for start, token_lists, raw_lengths in tokenized_blocks(source, tokenizer, opts.max_length,
-                                                             opts.on_long):
-        lengths[start:start + len(token_lists)] = [len(t) for t in token_lists]
-        raw[start:start + len(token_lists)] = raw_lengths
-    long = raw > opts.max_length if opts.max_length is not None else np.zeros(len(raw), bool)
-    if opts.on_long == "error" and long.any():
-        first = int(np.argmax(long))
-        raise GdnDumpError(
-            f"{source.display}: prompt {describe(source, first)} has {int(raw[first])} tokens, over "
-            f"--max-length {opts.max_length} ({int(long.sum())} prompt(s) in all); pass --on-long "
-            "truncate or skip to go on"
-        )
-    if opts.on_long == "truncate":
-        return lengths, int(long.sum()), 0
-    return lengths, 0, int(long.sum())
-
-
-def check_positions(lengths: np.ndarray, max_positions: int | None, source: PromptSource) -> None:
+def check_positions(lengths: np.ndarray, max_positions: int | None, source: Corpus) -> None:
     """Refuse, before anything is written, a prompt longer than the model's context
     (``max_position_embeddings``): its positions past it were never trained."""
     if max_positions is None or not len(lengths) or lengths.max() <= max_positions:

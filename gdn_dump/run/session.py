@@ -83,7 +83,7 @@ class Session:
         return Tally.from_json((self.record or {}).get("tally"))
 
 
-def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) -> dict:
+def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str, inputs=None) -> dict:
     """What must be equal for processes to share a store, or for a run to resume it."""
     return {
         "model": opts.model, "revision": opts.revision, "model_dtype": model_dtype,
@@ -92,7 +92,12 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str) ->
         "attn_mode": opts.attn_mode, "attn_method": opts.attn_method,
         "attn_precision": opts.attn_precision,
         "storage_dtype": plan.storage_dtype, "compressor": opts.compressor,
-        "prompts_sha256": source.sha256, "prompts": source.count, "text_field": opts.text_field,
+        "prompts_sha256": source.sha256, "prompts": plan.n_prompts, "documents": source.count,
+        "text_field": opts.text_field, "id_field": opts.id_field, "chat": opts.chat,
+        "messages_field": opts.messages_field, "tokens_field": opts.tokens_field,
+        "add_generation_prompt": opts.add_generation_prompt, "context_size": opts.context_size,
+        "max_tokens": opts.max_tokens,
+        "packing": inputs.packing.provenance() if inputs is not None and inputs.packing else None,
         "encoding_errors": opts.encoding_errors, "max_length": opts.max_length,
         "on_long": opts.on_long,
         "chunks": {a.name: [list(a.chunks), list(a.shards) if a.shards else None] for a in plan.arrays},
@@ -116,7 +121,7 @@ def state_provenance(plan: Plan) -> dict | None:
             "layers": [a.hook.layer for a in states.arrays]}
 
 
-def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: WorkSplit,
+def open_session(opts, start: Start, loc: Location, plan: Plan, prompt_ids, split: WorkSplit,
                  fp: dict, provenance: dict, barrier: Barrier, resumed: zarr.Group | None = None,
                  on_open=None) -> Session:
     """Create, resume or join the store as :func:`decide` said; return where this process starts.
@@ -134,7 +139,7 @@ def open_session(opts, start: Start, loc: Location, plan: Plan, source, split: W
         if group is None:
             group = create_store(loc if start is Start.CREATE else check_out(loc, overwrite=True),
                                  plan, provenance, compressor=opts.compressor,
-                                 prompt_ids=(p.id for p in source))
+                                 prompt_ids=prompt_ids)
             on_open(opts.out)
             mark_ready(group, fp, plan.regions, launch)
             fault("after-create")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..catalogue import ROW_ARRAYS, ROW_DOCUMENT
 from .capture import NONFINITE, OVERFLOW, CapturedBatch, RowPiece
 from .session import Clock
 from ..errors import RunFailure
@@ -67,15 +68,19 @@ class BatchSink(BackgroundWorker):
     def __init__(self, writer: RowWriter, plan: Plan, *, start_prompt: int = 0,
                  max_batches: int = 2, recorder=None, checkpoint_every: float = 60.0,
                  fail_on_nonfinite: bool = False, stats: dict[str, ArrayStats] | None = None,
-                 tally: Tally | None = None, clock: Clock | None = None):
+                 tally: Tally | None = None, clock: Clock | None = None,
+                 row_documents: dict[int, np.ndarray] | None = None):
         self.writer = writer
+        # packed contexts: each prompt's row documents, put here as it is cut, taken when written
+        self.row_documents = row_documents
         # recorder.record(prompt, stats, tally) runs on the writer thread once every row before
         # ``prompt`` is durable; ``stats`` and ``tally`` are those of exactly those rows
         self.recorder, self.checkpoint_every = recorder, checkpoint_every
         self.last_unit_end = start_prompt  # the latest unit boundary handed to the writer
         self._last_checkpoint = time.monotonic()
         self.fail_on_nonfinite = fail_on_nonfinite
-        self.token_arrays = [a.name for a in plan.arrays if a.stream == "token" and a.name != "tokens"]
+        self.token_arrays = [a.name for a in plan.arrays
+                             if a.stream == "token" and a.name not in ROW_ARRAYS]
         self.state_arrays = [a.name for a in plan.arrays if a.stream == "state"]
         self.state_counts = plan.states.counts if plan.states is not None else None
         self.residual_arrays = {a.name: a.residual_name for a in plan.matrices
@@ -154,6 +159,7 @@ class BatchSink(BackgroundWorker):
     def _hand_on(self) -> None:
         """Append every run of consecutive ready prompts; one slice per run within a batch."""
         while self.next_prompt in self._ready:
+            first_prompt = self.next_prompt
             first = self._ready.pop(self.next_prompt)
             run = [first]
             self.next_prompt += 1
@@ -165,6 +171,9 @@ class BatchSink(BackgroundWorker):
             if held is not None:
                 rows = slice(first.start, run[-1].stop)
                 self.writer.append("tokens", held.rows["tokens"][rows])
+                if self.row_documents is not None:
+                    self.writer.append(ROW_DOCUMENT, np.concatenate(
+                        [self.row_documents.pop(p) for p in range(first_prompt, self.next_prompt)]))
                 for name in self.token_arrays:
                     if name not in held.rows:  # streamed: written already
                         continue

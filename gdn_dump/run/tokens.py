@@ -1,75 +1,103 @@
-"""Prompts to token ids, a block of prompts at a time (the tokenizer is much faster on lists).
+"""Documents to token ids, a block at a time (the tokenizer is much faster on lists).
 
-The plan tokenises every prompt once for its length; the run tokenises again, only its own region
-(:func:`tokenized`). Both apply ``--max-length`` and ``--on-long`` the same way, so the lengths
-the plan laid out are the lengths the run stores.
+One :class:`Encoder` per run says how a document becomes ids, by what it holds: text is tokenized
+(with the tokenizer's special tokens, or none when packing: then each document is followed by EOS),
+a chat is rendered by the tokenizer's own chat template first, token ids are used as given. The
+plan encodes each document once for its length; the run encodes again, only its own region.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
+from ..errors import GdnDumpError
+from .sources import CHAT, TEXT, Document
 
 TOKENIZE_BLOCK = 512
 ON_LONG = ("truncate", "skip", "error")  # --on-long: what happens to a prompt over --max-length
 
 
+class Encoder:
+    """How a document of this run becomes token ids.
+
+    ``packed``: no special tokens are added (the template's own stay) and EOS ends each document.
+    ``vocab_size``: token ids given as such must be below it (the model's embedding rows).
+    """
+
+    def __init__(self, tokenizer, mode: str = TEXT, *, packed: bool = False,
+                 vocab_size: int | None = None, add_generation_prompt: bool = False,
+                 model: str = "the model"):
+        self.tokenizer, self.mode, self.packed = tokenizer, mode, packed
+        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
+        self.add_generation_prompt = add_generation_prompt
+        if mode == CHAT and not getattr(tokenizer, "chat_template", None):
+            raise GdnDumpError(f"--chat: the tokenizer of {model} has no chat template "
+                               "(tokenizer.chat_template is unset); give the prompts as text")
+        self.eos = tokenizer.eos_token_id if packed else None
+        if packed and self.eos is None:
+            raise GdnDumpError(f"--context-size: the tokenizer of {model} has no EOS token to "
+                               "end each document with")
+
+    def __call__(self, documents: Sequence[Document]) -> list[list[int]]:
+        if self.mode == TEXT:
+            ids = self.tokenizer([d.text for d in documents],
+                                 add_special_tokens=not self.packed)["input_ids"]
+        elif self.mode == CHAT:
+            ids = [self.chat(d) for d in documents]
+        else:
+            ids = [self._given(d) for d in documents]
+        if self.eos is not None:
+            ids = [[*t, self.eos] for t in ids]
+        return ids
+
+    def chat(self, document: Document) -> list[int]:
+        """The conversation rendered by the chat template and tokenized as ``apply_chat_template``
+        does (no special tokens added beyond the template's)."""
+        text = self.tokenizer.apply_chat_template(
+            list(document.messages), tokenize=False,
+            add_generation_prompt=self.add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _given(self, document: Document) -> list[int]:
+        ids = list(document.token_ids)
+        high = max(ids)
+        if high >= self.vocab_size:
+            at = ids.index(high)
+            raise GdnDumpError(f"{document.where}: token id {high} (position {at}) is outside the "
+                               f"model's vocabulary (size {self.vocab_size})")
+        return ids
+
+
 def describe(source, index: int) -> str:
     """``3 (line 4, id 'x')``: where a prompt is, for error messages."""
-    for prompt in source:
-        if prompt.index == index:
-            return f"{index} (line {prompt.line}, id {prompt.id!r})"
+    for prompt in source.documents(index, index + 1):
+        return f"{index} ({prompt.unit} {prompt.line}, id {prompt.id!r})"
     return str(index)
 
 
-def tokenized_blocks(source: Iterable, tokenizer, max_length: int | None, on_long: str = "truncate"):
-    """Yield ``(first_index, token_lists, untruncated_lengths)`` for blocks of prompts."""
-    block: list[str] = []
-    start = 0
-    for prompt in source:
-        block.append(prompt.text)
+def encoded_blocks(documents: Iterable[Document], encode: Encoder
+                   ) -> Iterator[tuple[list[Document], list[list[int]]]]:
+    """``(documents, their token ids)`` in blocks of :data:`TOKENIZE_BLOCK`."""
+    block: list[Document] = []
+    for document in documents:
+        block.append(document)
         if len(block) == TOKENIZE_BLOCK:
-            yield start, *tokenize(tokenizer, block, max_length, on_long)
-            start += len(block)
+            yield block, encode(block)
             block = []
     if block:
-        yield start, *tokenize(tokenizer, block, max_length, on_long)
+        yield block, encode(block)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int | None, on_long: str = "truncate"):
-    """Token ids of ``texts`` (a long one cut to ``max_length``, or empty with ``skip``) and
-    their untruncated lengths."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    raw = [len(t) for t in ids]
-    if max_length is not None:
-        ids = [t[:max_length] if len(t) <= max_length or on_long == "truncate" else [] for t in ids]
-    return ids, raw
-
-
-def tokenized(source: Iterable, tokenizer, max_length: int | None, lengths: np.ndarray,
-              lo: int = 0, hi: int | None = None,
-              on_long: str = "truncate") -> Iterator[tuple[int, Sequence[int]]]:
-    """``(prompt_index, token_ids)`` for every prompt in file order; prompts outside
-    ``[lo, hi)`` are not tokenised (``range(length)`` stands in: batching needs only lengths)."""
+def tokenized(source, encode: Encoder, lengths, lo: int = 0, hi: int | None = None
+              ) -> Iterator[tuple[int, Sequence[int]]]:
+    """``(prompt_index, token_ids)`` for every prompt of the plan (``lengths``), each cut to its
+    planned length (``--max-length``, ``--on-long skip``, the budget); prompts outside ``[lo, hi)``
+    are not read (``range(length)`` stands in: batching needs only lengths)."""
     hi = len(lengths) if hi is None else hi
-    block: list[str] = []
-    first = lo
-
-    def ids(texts):
-        return enumerate(tokenize(tokenizer, texts, max_length, on_long)[0], first)
-
-    for index, prompt in enumerate(source):
-        if index < lo or index >= hi:
-            if block:  # leaving the range: tokenise what was gathered
-                yield from ids(block)
-                block = []
-            yield index, range(int(lengths[index]))
-            continue
-        block.append(prompt.text)
-        if len(block) == TOKENIZE_BLOCK:
-            yield from ids(block)
-            first += len(block)
-            block = []
-    if block:
-        yield from ids(block)
+    for index in range(lo):
+        yield index, range(int(lengths[index]))
+    for documents, ids in encoded_blocks(source.documents(lo, hi), encode):
+        for document, token_ids in zip(documents, ids):
+            yield document.index, token_ids[:int(lengths[document.index])]
+    for index in range(hi, len(lengths)):
+        yield index, range(int(lengths[index]))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..catalogue import ATTENTION_MATRIX, PER_TOKEN, STATE, HookSpec, MatrixSpec
+from ..catalogue import ATTENTION_MATRIX, PER_TOKEN, ROW_DOCUMENT, STATE, HookSpec, MatrixSpec
 from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STATE_DTYPE, STATE_DTYPES,
                       STORAGE_DTYPES, TOKEN_DTYPE, check, hook_dtype, itemsize)
 from ..errors import GdnDumpError
@@ -165,6 +165,7 @@ def make_plan(
     regions: list[tuple[int, int]] | None = None,
     state_every: int | str = DEFAULT_STATE_EVERY,
     state_dtype: str = STATE_DTYPE,
+    row_documents: bool = False,
 ) -> Plan:
     check("--dtype", storage_dtype, STORAGE_DTYPES)
     for option, value in (("--chunk-tokens", chunk_tokens), ("--shard-tokens", shard_tokens)):
@@ -174,11 +175,16 @@ def make_plan(
     rows = _RowLayout(int(lengths.sum()), chunk_tokens, shard_tokens, target_chunk_bytes)
     per_token = [h for h in hooks if h.kind == PER_TOKEN]
     write_units = [rows.write_rows(itemsize(TOKEN_DTYPE))]
+    if row_documents:
+        write_units.append(rows.write_rows(itemsize(INDEX_DTYPE)))
     write_units += [rows.write_rows(_row_bytes(h, storage_dtype)) for h in per_token]
     regions = list(regions) if regions else [(0, len(lengths))]
     starts, n_rows = _region_layout(lengths, regions, math.lcm(*write_units))
     arrays = [ArraySpec("tokens", (n_rows,), TOKEN_DTYPE, dims=("token",),
                         **rows.layout(itemsize(TOKEN_DTYPE), ()))]
+    if row_documents:  # packed contexts: each row's source document
+        arrays.append(ArraySpec(ROW_DOCUMENT, (n_rows,), INDEX_DTYPE, dims=("token",),
+                                **rows.layout(itemsize(INDEX_DTYPE), ())))
     arrays += _hook_arrays(hooks, n_rows, len(lengths), lengths, storage_dtype, rows)
     arrays += _matrix_arrays(list(matrices), attn_mode, lengths)
     state_hooks = [h for h in hooks if h.kind == STATE]

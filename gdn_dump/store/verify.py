@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ..catalogue import GDN_HOOKS, Catalogue, is_state, matrix_name, residual_name
+from ..catalogue import GDN_HOOKS, ROW_DOCUMENT, Catalogue, is_state, matrix_name, residual_name
 from ..dtypes import INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, hook_dtype
 from .states import STATE_INDEX_ARRAYS, STATE_POSITION, state_counts, state_positions, state_stride
 from .ledger import ready_info, region_status
@@ -104,6 +104,8 @@ def _expect(ctx) -> dict:
            "prompt_start": ("index", (n_prompts,), "int64", ("prompt",)),
            "prompt_length": ("index", (n_prompts,), "int64", ("prompt",)),
            "prompt_id": ("index", (n_prompts,), None, ("prompt",))}
+    if meta.get("packing"):
+        out[ROW_DOCUMENT] = ("token", (n_rows,), INDEX_DTYPE, ("token",))
     states = meta.get("states") or {}
     if states:
         n_states = int(states.get("n_snapshots", 0))

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gdn_dump.run import prompts as prompts_module
+from gdn_dump.run.sources import lines as lines_module
 from gdn_dump.errors import PromptFileError
 from gdn_dump.run.prompts import Prompt, open_prompts
 
@@ -178,7 +179,7 @@ def test_only_blank_lines(tmp_path: Path, name: str) -> None:
 
 
 def test_line_too_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prompts_module, "MAX_LINE_BYTES", 16)
+    monkeypatch.setattr(lines_module, "MAX_LINE_BYTES", 16)
     assert open_prompts(write(tmp_path, "ok.txt", "x" * 15 + "\n")).count == 1
     message = error_of(write(tmp_path, "p.txt", "short\n" + "x" * 40))
     assert "line 2" in message and "longer than 16 bytes" in message
