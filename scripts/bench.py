@@ -48,7 +48,10 @@ child starts at the forking parent's peak (printed too).
 Long context (``--long``): one prompt of 8k, 16k, 32k and 64k tokens on ``tiny``, extract
 (per-token hooks; held and streamed rows) and ``attn-matrix``, beside a bare HF forward with SDPA
 (and eager): peak RSS, its ``--dry-run`` estimate and tokens/s; each run a fresh process, so the
-table is ``scripts/bench_long.py``'s, which this calls (``--long-lengths``). Run::
+table is ``scripts/bench_long.py``'s, which this calls (``--long-lengths``).
+Corpora (``--corpus``): planning a packed 1M-token Parquet corpus in one process and in each of two
+``--shard`` processes, beside the bare tokenizer: seconds, tokens/s and the fraction of the corpus
+each read (``scripts/bench_corpus.py``, which this calls). Run::
 
     python scripts/bench.py [--batches 8] [--batch-size 8] [--seq-len 256] [--repeats 3]
 """
@@ -530,6 +533,15 @@ def long_case(args) -> None:
     bench_long.main(["--lengths", *map(str, args.long_lengths)] if args.long_lengths else [])
 
 
+def corpus_case(args) -> None:
+    """Planning a packed Parquet corpus, one process vs two shards: ``scripts/bench_corpus.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_corpus
+
+    print("corpora: planning a 1M-token Parquet corpus (--context-size 1024), one process vs shards")
+    bench_corpus.main(["--tokens", str(args.corpus_tokens)])
+
+
 def machine_lines() -> list[str]:
     cpu = "unknown"
     try:
@@ -580,6 +592,9 @@ def parse_args(argv):
     parser.add_argument("--long", action="store_true", help="also run the long-context case")
     parser.add_argument("--long-lengths", type=int, nargs="+", default=None,
                         help="prompt lengths of the long-context case (default bench_long's)")
+    parser.add_argument("--corpus", action="store_true", help="also run the corpus-planning case")
+    parser.add_argument("--corpus-tokens", type=int, default=1_000_000,
+                        help="tokens of the corpus case's Parquet corpus (default 1M)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -610,6 +625,9 @@ def main(argv=None) -> None:
         if args.long:
             print()
             long_case(args)
+        if args.corpus:
+            print()
+            corpus_case(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

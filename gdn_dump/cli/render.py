@@ -106,7 +106,7 @@ class RichReporter(Reporter):
             TextColumn("[bold]extract"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} prompts"),
-            TextColumn("{task.fields[tokens]} tokens"),
+            TextColumn("{task.fields[tokens]}/{task.fields[total_tokens]} tokens"),
             TextColumn("{task.fields[rate]} tok/s"),
             TextColumn("{task.fields[mbps]} MB/s"),
             TimeElapsedColumn(),
@@ -126,14 +126,15 @@ class RichReporter(Reporter):
         if not self.show:
             return
         self.progress.start()
-        self.task = self.progress.add_task("extract", total=n_prompts, tokens=0, rate="-", mbps="-")
+        self.task = self.progress.add_task("extract", total=n_prompts, tokens="0",
+                                           total_tokens=f"{n_tokens:,}", rate="-", mbps="-")
 
     def advance(self, prompts: int, tokens: int, bytes_written: int) -> None:
         if not self.show:
             return
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, advance=prompts, tokens=self.tokens,
+        self.progress.update(self.task, advance=prompts, tokens=f"{self.tokens:,}",
                              rate=f"{self.tokens / elapsed:,.0f}",
                              mbps=f"{bytes_written / elapsed / 1e6:,.1f}")
 

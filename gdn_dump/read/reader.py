@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from ..catalogue import ROW_ARRAYS, state_layers
+from ..catalogue import ROW_ARRAYS, ROW_DOCUMENT, state_layers
 from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
@@ -362,6 +362,14 @@ class PromptRecord:
         """The token ids decoded with the run's tokenizer (None when it cannot be loaded here)."""
         tokenizer = self._store.tokenizer
         return None if tokenizer is None else tokenizer.decode(self.token_ids.tolist())
+
+    @cached_property
+    def documents(self) -> np.ndarray | None:
+        """Packed contexts (``--context-size``): each row's source document ``[n]`` int64 (its
+        index in the input stream, ``row_document``); None for a store of whole prompts."""
+        if ROW_DOCUMENT not in self._store:
+            return None
+        return np.asarray(self._store[ROW_DOCUMENT][self.rows], dtype=np.int64)
 
     def __getitem__(self, hook: str) -> np.ndarray:
         if hook not in self._read:

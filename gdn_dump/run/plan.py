@@ -101,8 +101,10 @@ def plan_units(opts: ExtractOptions, lengths: np.ndarray, row_bytes: int,
 
 
 def window_tokens(opts: ExtractOptions, row_bytes: int) -> int | None:
-    """Tokens per sorting window: ``--sort-window`` bytes of rows (None: no sorting)."""
-    if not opts.sort_window_bytes:
+    """Tokens per sorting window: ``--sort-window`` bytes of rows (None: no sorting; packed
+    contexts are all as long, so sorting them saves nothing, and each batch is a unit: regions
+    of several processes then divide the contexts evenly)."""
+    if not opts.sort_window_bytes or opts.context_size is not None:
         return None
     return max(1, opts.sort_window_bytes // max(row_bytes, 1))
 

@@ -13,7 +13,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from ..errors import GdnDumpError
 from .sources import CHAT, TEXT, Document
 
-TOKENIZE_BLOCK = 512
+TOKENIZE_BLOCK = 512  # documents a tokenizer call takes at most
+# ... and characters: a block of long documents stays small, so a plan that stops at a budget
+# reads little past it
+TOKENIZE_CHARS = 1 << 16
 ON_LONG = ("truncate", "skip", "error")  # --on-long: what happens to a prompt over --max-length
 
 
@@ -77,15 +80,26 @@ def describe(source, index: int) -> str:
 
 def encoded_blocks(documents: Iterable[Document], encode: Encoder
                    ) -> Iterator[tuple[list[Document], list[list[int]]]]:
-    """``(documents, their token ids)`` in blocks of :data:`TOKENIZE_BLOCK`."""
+    """``(documents, their token ids)`` in blocks of :data:`TOKENIZE_BLOCK` documents or
+    :data:`TOKENIZE_CHARS` characters, whichever comes first."""
     block: list[Document] = []
+    size = 0
     for document in documents:
         block.append(document)
-        if len(block) == TOKENIZE_BLOCK:
+        size += _size(document)
+        if len(block) == TOKENIZE_BLOCK or size >= TOKENIZE_CHARS:
             yield block, encode(block)
-            block = []
+            block, size = [], 0
     if block:
         yield block, encode(block)
+
+
+def _size(document: Document) -> int:
+    if document.text is not None:
+        return len(document.text)
+    if document.token_ids is not None:
+        return len(document.token_ids)
+    return sum(len(m["content"]) for m in document.messages)
 
 
 def tokenized(source, encode: Encoder, lengths, lo: int = 0, hi: int | None = None

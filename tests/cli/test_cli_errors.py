@@ -334,3 +334,88 @@ def test_the_entry_point_prints_click_usage_errors_as_one_line(tmp_path, good_tx
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("gdn-dump: error: ")
     assert needle in done.stderr and "see gdn-dump extract --help" in done.stderr
     assert not out.exists()
+
+
+# --- corpora (Parquet, datasets, compressed, chat, token ids, packing, budgets) --------------------
+
+
+def _parquet(path: Path, **columns) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _corpus_case(tmp_path: Path, case: str):
+    """(prompt argument, extra options, needles) of each corpus mistake."""
+    import gzip
+    import json
+
+    if case == "parquet-missing-field":
+        return _parquet(tmp_path / "a.parquet", body=["x", "y"]), [], ["a.parquet", "missing field 'text'", "'body'"]
+    if case == "parquet-corrupt":
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+        return tmp_path / "bad.parquet", [], ["bad.parquet", "not a valid parquet file"]
+    if case == "gzip-corrupt":
+        (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:-12])
+        return tmp_path / "p.jsonl.gz", [], ["p.jsonl.gz", "not a valid gz file"]
+    if case == "empty-glob":
+        return str(tmp_path / "web-*.parquet"), [], ["web-*.parquet", "no files match"]
+    if case == "messages-not-a-list":
+        (tmp_path / "c.jsonl").write_text(json.dumps({"messages": {"role": "user"}}) + "\n")
+        return tmp_path / "c.jsonl", ["--chat"], ["c.jsonl", "line 1", "field 'messages' must be a list"]
+    if case == "input-ids-not-a-list":
+        return (_parquet(tmp_path / "t.parquet", input_ids=["1 2 3"]), ["--tokens-field", "input_ids"],
+                ["t.parquet", "row 1", "field 'input_ids' must be a list of token ids"])
+    if case == "token-id-outside-vocabulary":
+        return (_parquet(tmp_path / "t.parquet", input_ids=[[1, 2], [3, 10**6]]), ["--tokens-field", "input_ids"],
+                ["t.parquet", "row 2", "token id 1000000", "outside the model's vocabulary"])
+    if case == "context-size-over-max-positions":
+        return _parquet(tmp_path / "a.parquet", text=["x"]), ["--context-size", "300000"], [
+            "--context-size 300000", "max_position_embeddings 262144"]
+    if case == "budget-zero":
+        return _parquet(tmp_path / "a.parquet", text=["x"]), ["--max-tokens", "0"], ["--max-tokens must be at least 1"]
+    if case == "budget-unreadable":
+        return _parquet(tmp_path / "a.parquet", text=["x"]), ["--max-tokens", "50Q"], ["--max-tokens", "50Q"]
+    if case == "budget-below-one-context":
+        return (_parquet(tmp_path / "a.parquet", text=["hello world"] * 50), ["--context-size", "64", "--max-tokens", "10"],
+                ["--max-tokens 10 is less than one context"])
+    if case == "corpus-shorter-than-a-context":
+        return (_parquet(tmp_path / "a.parquet", text=["hi"]), ["--context-size", "64"],
+                ["a.parquet", "less than one context of --context-size 64"])
+    if case == "chat-and-tokens":
+        return (_parquet(tmp_path / "a.parquet", text=["x"]), ["--chat", "--tokens-field", "ids"],
+                ["--chat and --tokens-field exclude each other"])
+    if case == "chat-on-txt":
+        (tmp_path / "p.txt").write_text("hello\n")
+        return tmp_path / "p.txt", ["--chat"], ["p.txt", "--chat needs records with fields"]
+    raise AssertionError(case)
+
+
+CORPUS_CASES = ["parquet-missing-field", "parquet-corrupt", "gzip-corrupt", "empty-glob",
+                "messages-not-a-list", "input-ids-not-a-list", "token-id-outside-vocabulary",
+                "context-size-over-max-positions", "budget-zero", "budget-unreadable",
+                "budget-below-one-context", "corpus-shorter-than-a-context", "chat-and-tokens",
+                "chat-on-txt"]
+
+
+@pytest.mark.parametrize("case", CORPUS_CASES)
+def test_corpus_errors(tmp_path, case):
+    prompts, extra, needles = _corpus_case(tmp_path, case)
+    out = tmp_path / "out.zarr"
+    before = files_of(tmp_path)
+    result = run("extract", "-m", "tiny", "-p", prompts, "-o", out, "--hooks", "beta", *extra)
+    assert_one_line_error(result, *needles)
+    assert not out.exists()
+    assert files_of(tmp_path) == before
+
+
+def test_a_process_whose_documents_cannot_fill_its_share_says_so(tmp_path):
+    prompts = _parquet(tmp_path / "a.parquet", text=["a few words here"] * 8 + ["x"] * 8)
+    out = tmp_path / "out.zarr"
+    result = run("extract", "-m", "tiny", "-p", prompts, "-o", out, "--hooks", "beta",
+                 "--context-size", "16", "--max-tokens", "160", "--shard", "1/2", "--sort-window", "0",
+                 "--batch-size", "1")
+    assert_one_line_error(result, "process 1's documents (8..15 of 16)", "lower --max-tokens")
+    assert not out.exists()
