@@ -175,13 +175,16 @@ def _load_config(ctx, param, value: Optional[Path]):
         data = tomllib.loads(Path(value).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise GdnDumpError(f"--config {value}: cannot read it ({exc})") from exc
-    known = {p.name for p in ctx.command.params}
+    known = {p.name: p for p in ctx.command.params}
     defaults = {}
     for key, item in data.items():
         name = key.replace("-", "_")
         if name not in known or name == "config":
             raise GdnDumpError(f"--config {value}: unknown key {key!r}; keys are option names")
-        defaults[name] = ",".join(map(str, item)) if isinstance(item, list) else item
+        if getattr(known[name], "multiple", False):  # e.g. prompts: a path or a list of them
+            defaults[name] = list(map(str, item)) if isinstance(item, list) else [item]
+        else:
+            defaults[name] = ",".join(map(str, item)) if isinstance(item, list) else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

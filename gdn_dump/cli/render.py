@@ -287,6 +287,24 @@ def _stats_row(name: str, s: dict) -> dict:
     return row
 
 
+def input_lines(meta: dict[str, Any]) -> list[str]:
+    """What the store was made from, in a few lines (a corpus of many files stays short)."""
+    prompts = dict(meta.get("prompts") or {})
+    files = prompts.pop("files", None) or []
+    lines = [f"prompts: {json.dumps(prompts)}"]
+    if files:
+        shown = ", ".join(f"{f['path']} ({f['records']:,} records, {format_bytes(f['size'])})"
+                          for f in files[:3])
+        more = f", ... ({len(files) - 3} more)" if len(files) > 3 else ""
+        lines.append(f"files: {len(files)}: {shown}{more}")
+    packing = meta.get("packing")
+    if packing:
+        lines.append(f"packing: {json.dumps(packing)}")
+    if meta.get("max_tokens") is not None:
+        lines.append(f"budget: --max-tokens {meta['max_tokens']:,}")
+    return lines
+
+
 def print_inspect(name: str, meta: dict[str, Any], rows: list[dict], stats_rows: list[dict]) -> None:
     """``gdn-dump inspect``: the arrays, the provenance, the per-head statistics."""
     out = console()
@@ -303,7 +321,8 @@ def print_inspect(name: str, meta: dict[str, Any], rows: list[dict], stats_rows:
     out.print(f"status: {meta.get('status')}")
     out.print(f"model: {model.get('name')} ({model.get('dtype')}, {model.get('device')}, "
               f"kernels: {model.get('kernel_backend')})")
-    out.print(f"prompts: {json.dumps(meta.get('prompts'))}")
+    for line in input_lines(meta):
+        out.print(line)
     out.print(f"storage dtype: {meta.get('storage_dtype')}, max length: {meta.get('max_length')}, "
               f"truncated: {meta.get('truncated')}, skipped: {meta.get('skipped_long', 0)}")
     for key, what in (("nonfinite", "NaN/inf values"), ("overflow", "float16 overflow")):

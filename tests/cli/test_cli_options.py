@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import zarr
 import typer.main
 from typer.testing import CliRunner
 
@@ -182,6 +183,20 @@ def test_a_size_from_a_config_file(tmp_path, ragged_txt):
     err = one_line(run("attn-matrix", "--config", config, "-m", "tiny", "-p", ragged_txt, "-o",
                        tmp_path / "o.zarr", "--layer", "0"))
     assert "--max-bytes 1000 B" in err
+
+
+@pytest.mark.parametrize("value", ['"{a}"', '["{a}", "{b}"]'], ids=["one-path", "a-list"])
+def test_prompts_from_a_config_file(tmp_path, value):
+    """``prompts`` in TOML: one path or a list of them (one stream), and a count with a unit."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("hello world\n")
+    b.write_text("another prompt\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f"prompts = {value.format(a=a, b=b)}\nmax-tokens = \"1k\"\nhooks = \"beta\"\n")
+    result = run("extract", "--config", config, "-m", "tiny", "-o", tmp_path / "o.zarr", "-q")
+    assert result.exit_code == 0, result.stderr
+    expected = ["0"] if value.startswith('"') else ["0", "1"]
+    assert list(zarr.open_group(str(tmp_path / "o.zarr"))["prompt_id"][:]) == expected
 
 
 # --- help at 80 columns ----------------------------------------------------------------------------

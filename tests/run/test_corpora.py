@@ -105,6 +105,26 @@ def test_saved_dataset_and_compressed_jsonl_glob(tiny, tmp_path):
     assert len(group.attrs["gdn_dump"]["prompts"]["files"]) == 2
 
 
+@pytest.mark.parametrize("name", ["p.txt.gz", "p.jsonl.zst", "p.ndjson"])
+def test_line_formats_compressed_or_not(tiny, tmp_path, name):
+    import gzip
+
+    import zstandard
+
+    docs = texts(12, seed=3)
+    if ".txt" in name:
+        data = "\n".join(docs).encode()
+    else:
+        data = "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+    compress = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}.get(
+        name[name.rfind("."):], lambda b: b)
+    (tmp_path / name).write_bytes(compress(data))
+    run(tiny, str(tmp_path / name), tmp_path / "s.zarr")
+    group, token_lists, rows = stored(tmp_path / "s.zarr")
+    assert [t.tolist() for t in token_lists] == tiny.tokenizer(docs)["input_ids"]
+    assert_rows_equal_run_with_cache(tiny, group, token_lists[:2], rows[:2])
+
+
 def test_chat_equals_apply_chat_template(tiny, tmp_path):
     chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]
              for t in texts(8, seed=2)]

@@ -58,8 +58,10 @@ def sha256(path: Path) -> str:
 def test_parquet_by_row_groups_with_ids_and_skipping(tmp_path):
     path = write_parquet(tmp_path / "a.parquet", {"text": TEXTS, "id": [f"d{i}" for i in range(40)]})
     corpus = open_corpus(path)
-    assert corpus.count == 40 and corpus.format == "parquet" and corpus.sha256 == sha256(path)
+    assert corpus.count == 40 and corpus.format == "parquet"
+    assert corpus.provenance()[0]["sha256"] is None  # opening reads metadata only: nothing hashed
     docs = list(corpus)
+    assert corpus.provenance()[0]["sha256"] == sha256(path)  # the files read from: their bytes
     assert [d.text for d in docs] == TEXTS and [d.id for d in docs] == [f"d{i}" for i in range(40)]
     assert [d.index for d in docs] == list(range(40)) and docs[5].where == f"{path}, row 6"
     # from any record on (whole row groups skipped by metadata), up to any other
@@ -109,11 +111,14 @@ def test_glob_and_several_paths_are_one_stream(tmp_path):
     write_parquet(tmp_path / "b.parquet", {"text": TEXTS[20:]})
     write_parquet(tmp_path / "a.parquet", {"text": TEXTS[:20]})
     corpus = open_corpus(str(tmp_path / "*.parquet"))
+    digest = corpus.sha256
     assert [d.text for d in corpus] == TEXTS  # sorted order
     assert [d.id for d in corpus] == [str(i) for i in range(40)]  # index in the whole stream
     assert [f["path"] for f in corpus.provenance()] == [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
     assert [f["sha256"] for f in corpus.provenance()] == [sha256(tmp_path / n) for n in ("a.parquet", "b.parquet")]
     assert [d.text for d in corpus.documents(15, 25)] == TEXTS[15:25]
+    write_parquet(tmp_path / "b.parquet", {"text": TEXTS[20:39] + ["changed"]})
+    assert open_corpus(str(tmp_path / "*.parquet")).sha256 != digest  # a changed file is seen
     lines = write_jsonl(tmp_path / "c.jsonl", [{"text": "from jsonl"}])
     mixed = open_corpus([str(tmp_path / "*.parquet"), lines])
     assert mixed.count == 41 and list(mixed)[-1].text == "from jsonl" and list(mixed)[-1].id == "40"
@@ -174,3 +179,34 @@ def test_pack_equals_the_reference_and_count_contexts_finds_each_start(docs, n):
         assert np.array_equal(again[0], reference[k][0]) and np.array_equal(again[1], reference[k][1])
     limited = count_contexts(((i, len(ids)) for i, ids in indexed), n, limit=2)
     assert len(limited) == min(2, len(reference))
+
+
+# --- encoding and counts -------------------------------------------------------------------------
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused():
+    from gdn_dump.errors import GdnDumpError
+    from gdn_dump.run.sources import CHAT
+    from gdn_dump.run.tokens import Encoder
+    from gdn_dump.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(GdnDumpError, match="has no chat template"):
+        Encoder(tokenizer, CHAT, model="base-model")
+
+
+@pytest.mark.parametrize("text, expected", [("50M", 50_000_000), ("2B", 2_000_000_000), ("1.5k", 1500),
+                                            ("1e6", 1_000_000), ("1000", 1000), (" 3 G ", 3 * 10**9)])
+def test_parse_count(text, expected):
+    from gdn_dump.cli.options import parse_count
+
+    assert parse_count(text, "--max-tokens") == expected
+
+
+@pytest.mark.parametrize("text", ["50Q", "1.5", "-3", "M", "1e"])
+def test_parse_count_refuses(text):
+    from gdn_dump.cli.options import parse_count
+
+    with pytest.raises(ValueError, match="--max-tokens"):
+        parse_count(text, "--max-tokens")

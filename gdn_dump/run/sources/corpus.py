@@ -1,10 +1,11 @@
 """The input stream: one or more files (globs expanded, in sorted order), read as one sequence
 of documents with indices counted across them.
 
-:func:`open_corpus` opens every file (a cheap pass each: counts from metadata or an undecoded line
-count, and the sha256 of the bytes) and picks each file's reader from a small registry
+:func:`open_corpus` opens every file (a cheap pass each: counts and digests from metadata, or for
+files of lines an undecoded line count and the sha256 of the bytes) and picks each file's reader from a small registry
 (:data:`READERS`): lines (``.txt``, ``.jsonl``, compressed or not), Parquet, a saved ``datasets``
-directory. Records are decoded and checked when read, so a process reads only the documents it
+directory. A reader has ``display``, ``format``, ``count``, ``size``, ``digest`` (what identifies
+it), ``sha256``, ``read`` and ``documents(first_index, first_line, start)``. Records are decoded and checked when read, so a process reads only the documents it
 needs (:meth:`Corpus.documents` starts anywhere). Standard input and pipes are spooled to a
 temporary file, since the stream is read more than once.
 """
@@ -74,10 +75,12 @@ class Corpus:
 
     @property
     def sha256(self) -> str:
-        """The file's sha256; for several files, the sha256 of their names, sizes and sha256s."""
-        if len(self.files) == 1:
+        """What identifies the input, for provenance and for processes to agree on it: a single
+        file of lines, its sha256; else the sha256 of every file's name, size and digest (a file of
+        lines: its sha256; Parquet or a dataset: the sha256 of its metadata, no full read)."""
+        if len(self.files) == 1 and self.files[0].digest == self.files[0].sha256:
             return self.files[0].sha256
-        joined = "\n".join(f"{f.display}\t{f.size}\t{f.sha256}" for f in self.files)
+        joined = "\n".join(f"{f.display}\t{f.size}\t{f.digest}" for f in self.files)
         return hashlib.sha256(joined.encode()).hexdigest()
 
     @property
@@ -85,9 +88,10 @@ class Corpus:
         return sum(f.replaced_lines for f in self.files)
 
     def provenance(self) -> list[dict]:
-        """Each file: path, format, size, sha256 and its number of records."""
-        return [{"path": f.display, "format": f.format, "size": f.size, "sha256": f.sha256,
-                 "records": f.count} for f in self.files]
+        """Each file: path, format, size, number of records, its digest, and the sha256 of its
+        bytes where this process read documents from it (null: it read none there)."""
+        return [{"path": f.display, "format": f.format, "size": f.size, "records": f.count,
+                 "digest": f.digest, "sha256": f.sha256 if f.read else None} for f in self.files]
 
     def documents(self, start: int = 0, stop: int | None = None) -> Iterator[Document]:
         """Documents ``start <= index < stop`` in order; files before ``start`` are not opened."""

@@ -66,6 +66,8 @@ class LineFile:
             raise PromptFileError(f"{self.display}: {flag} needs records with fields (.jsonl, "
                                   ".parquet or a datasets directory), not lines of text")
         self.sha256, self.size, self.count = summary.sha256, summary.n_bytes, summary.count
+        self.digest = self.sha256  # read whole to count its lines anyway
+        self.read = True
         self.n_lines = summary.n_lines
         self.replaced_lines = 0  # counted as records are read
 

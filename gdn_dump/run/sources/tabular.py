@@ -2,7 +2,10 @@
 
 Both are read with pyarrow a record batch at a time, only the columns that matter (the document's
 and the id's): never the whole file in memory. Their record counts are metadata (Parquet's footer,
-the Arrow batches' headers), so skipping to any record costs no decoding.
+the Arrow batches' headers), so skipping to any record costs no decoding, and so is what tells
+two copies apart (:attr:`TableFile.digest`: the sha256 of the footer, or of the schema and batch
+sizes, with the size): opening a corpus never reads it whole. The sha256 of a file's bytes is
+computed only when asked (:attr:`TableFile.sha256`), for the files a run read documents from.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 from ...errors import PromptFileError
@@ -40,7 +44,9 @@ class TableFile:
             raise PromptFileError(f"{display}: reading {format} needs pyarrow: pip install pyarrow "
                                   "(it comes with gdn-dump[extract])") from None
         self.parts = _dataset_parts(path, display) if format == ARROW else [path]
-        names, counts = self._metadata()
+        self.read = False  # whether documents were read from it (then its sha256 is recorded)
+        sha = hashlib.sha256()
+        names, counts = self._metadata(sha)
         if fields.content not in names:
             shown = ", ".join(short(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
             raise PromptFileError(f"{display}: missing field {short(fields.content)} (the columns "
@@ -51,20 +57,30 @@ class TableFile:
         if self.count == 0:
             raise PromptFileError(f"{display}: no records (the table is empty)")
         self.size = sum(p.stat().st_size for p in self.parts)
-        self.sha256 = _sha256(self.parts)
+        sha.update(str(self.size).encode())
+        self.digest = sha.hexdigest()
 
-    def _metadata(self) -> tuple[list[str], list[int]]:
+    @cached_property
+    def sha256(self) -> str:
+        """Of the bytes on disk (every part, in order, for a dataset): one sequential read."""
+        return _sha256(self.parts)
+
+    def _metadata(self, sha) -> tuple[list[str], list[int]]:
+        """Column names and record counts; ``sha`` takes the metadata they came from."""
         try:
             if self.format == PARQUET:
                 import pyarrow.parquet as pq
 
+                sha.update(_parquet_footer(self.path))
                 meta = pq.ParquetFile(self.path).metadata
                 return list(meta.schema.to_arrow_schema().names), [meta.num_rows]
             schema, counts = None, []
             for part in self.parts:
                 with _arrow_stream(part) as reader:
                     schema = reader.schema
-                    counts.append(sum(batch.num_rows for batch in reader))
+                    sizes = [batch.num_rows for batch in reader]
+                    counts.append(sum(sizes))
+                    sha.update(schema.serialize().to_pybytes() + json.dumps(sizes).encode())
             return list(schema.names), counts
         except PromptFileError:
             raise
@@ -74,6 +90,7 @@ class TableFile:
 
     def documents(self, first_index: int, first_line: int, start: int = 0) -> Iterator[Document]:
         """The records from the ``start``-th on (rows before are skipped by metadata)."""
+        self.read = True
         index = first_index + start
         try:
             for row, values in self._rows(start):
@@ -188,6 +205,22 @@ class _arrow_stream:
 
     def __exit__(self, *exc):
         self.source.close()
+
+
+def _parquet_footer(path: Path) -> bytes:
+    """The footer (schema, row groups, column offsets and statistics) and its length and magic."""
+    with path.open("rb") as stream:
+        stream.seek(0, 2)
+        end = stream.tell()
+        if end < 12:
+            raise PromptFileError(f"{path}: not a valid parquet file (only {end} bytes)")
+        stream.seek(end - 8)
+        tail = stream.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length + 8 > end:
+            return tail  # pyarrow then says what is wrong
+        stream.seek(end - 8 - length)
+        return stream.read(length) + tail
 
 
 def _sha256(parts: list[Path]) -> str:
