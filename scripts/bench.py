@@ -51,7 +51,10 @@ Long context (``--long``): one prompt of 8k, 16k, 32k and 64k tokens on ``tiny``
 table is ``scripts/bench_long.py``'s, which this calls (``--long-lengths``).
 Corpora (``--corpus``): planning a packed 1M-token Parquet corpus in one process and in each of two
 ``--shard`` processes, beside the bare tokenizer: seconds, tokens/s and the fraction of the corpus
-each read (``scripts/bench_corpus.py``, which this calls). Run::
+each read (``scripts/bench_corpus.py``, which this calls).
+Exports (``--export``): ``gdn-dump export --format saelens`` (shuffled and in order) and
+``Store.sae_batches`` against ``Store.iter_batches`` over the same rows, MB/s and ratios
+(``scripts/bench_export.py``, which this calls). Run::
 
     python scripts/bench.py [--batches 8] [--batch-size 8] [--seq-len 256] [--repeats 3]
 """
@@ -542,6 +545,15 @@ def corpus_case(args) -> None:
     bench_corpus.main(["--tokens", str(args.corpus_tokens)])
 
 
+def export_case(args) -> None:
+    """SAELens export and sae_batches against iter_batches: ``scripts/bench_export.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_export
+
+    print("exports: gdn-dump export --format saelens vs reading the same rows (tiny, float32)")
+    bench_export.main(["--tokens", str(args.export_tokens)])
+
+
 def machine_lines() -> list[str]:
     cpu = "unknown"
     try:
@@ -595,6 +607,9 @@ def parse_args(argv):
     parser.add_argument("--corpus", action="store_true", help="also run the corpus-planning case")
     parser.add_argument("--corpus-tokens", type=int, default=1_000_000,
                         help="tokens of the corpus case's Parquet corpus (default 1M)")
+    parser.add_argument("--export", action="store_true", help="also run the export case")
+    parser.add_argument("--export-tokens", type=int, default=262_144,
+                        help="rows of the export case's store (default 262144)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -628,6 +643,9 @@ def main(argv=None) -> None:
         if args.corpus:
             print()
             corpus_case(args)
+        if args.export:
+            print()
+            export_case(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

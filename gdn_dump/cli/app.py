@@ -196,6 +196,28 @@ def verify(store: o.StoreArg, allow_nonfinite: o.AllowNonfinite = False, debug: 
         raise typer.Exit(1)
 
 
+@app.command(cls=o.Command, epilog=o.NO_FLAGS_HELP)
+def export(
+    store: o.StoreArg, format: o.ExportFormat, hook: o.ExportHooks, out: o.ExportOut,  # noqa: A002
+    context_size: o.ExportContextSize = None, head: o.ExportHead = None,
+    shuffle: o.Shuffle = True, seed: o.Seed = 0, dtype: o.ExportDtype = "float32",
+    overwrite: o.ExportOverwrite = False, quiet: o.Quiet = False, debug: o.Debug = False,
+) -> None:
+    """Write a store's rows in a format trainers read: saelens (SAELens's activation cache, one
+    row per context, shuffled on disk)."""
+    from ..read.exports import exporter
+    from ..read.reader import open_store
+
+    export_format = exporter(format)
+    opened = open_store(store)
+    with render.export_progress(render.console(stderr=True), show=not quiet) as progress:
+        done = export_format(opened, hook, out, context_size=context_size, head=head,
+                             shuffle=shuffle, seed=seed, dtype=dtype, overwrite=overwrite,
+                             progress=progress)
+    if not quiet:
+        render.console().print(render.export_table(done))
+
+
 def main() -> None:
     """The ``gdn-dump`` entry point (:meth:`.options.Group.main` prints every error as one line)."""
     typer.main.get_command(app).main(prog_name="gdn-dump")

@@ -201,6 +201,7 @@ MODEL, PROMPTS, HOOKS, MATRICES, STORE, BATCHING, PROCESSES, CONTROL = (
     "Model", "Prompts", "Hooks and layers", "Attention matrices", "Store", "Batching and speed",
     "Many processes", "Run control")
 FIGURE, IMAGE = "Figure", "Image"
+EXPORT = "Export"
 
 
 def option(*names: str, panel: str, **kw) -> typer.models.OptionInfo:
@@ -386,6 +387,25 @@ Height = Annotated[float, option(metavar="IN", panel=IMAGE, help="Figure height 
 Dpi = Annotated[int, option(metavar="N", panel=IMAGE,
                             help="Dots per inch: the image is width*dpi x height*dpi pixels.")]
 AllowNonfinite = Annotated[bool, option(panel=CONTROL, help="Report NaN/inf values without failing.")]
+
+# export
+ExportFormat = Annotated[str, option("--format", metavar="NAME", panel=EXPORT, help=(
+    "The format to write: saelens (SAELens's activation cache, a datasets directory)."))]
+ExportHooks = Annotated[list[str], option("--hook", metavar="HOOK", panel=EXPORT, help=(
+    "A per-token hook array of the store (e.g. blocks.0.linear_attn.hook_v); several --hook: a "
+    "directory per hook under --out."))]
+ExportOut = Annotated[Path, option("--out", "-o", metavar="DIR", panel=EXPORT,
+                                   help="The directory to write.")]
+ExportContextSize = Annotated[Optional[int], option(metavar="N", panel=EXPORT, help=(
+    "Tokens per context (default: the store's --context-size when it was packed); each "
+    "prompt's rows past a multiple of N are dropped."))]
+ExportHead = Annotated[Optional[int], option(metavar="H", panel=EXPORT, help=(
+    "Only this head of a hook with heads (default: every head, flattened to d_in = heads * d)."))]
+Shuffle = Annotated[bool, option(panel=EXPORT, help="Shuffle the contexts on disk (SAELens reads in order).")]
+Seed = Annotated[int, option(metavar="S", panel=EXPORT, help="The shuffle's seed.")]
+ExportDtype = Annotated[str, choice(("float32", "float16"), panel=EXPORT, help="The activations' dtype.")]
+ExportOverwrite = Annotated[bool, option(panel=EXPORT, help=(
+    "Replace an existing export at --out (never anything else)."))]
 
 NO_FLAGS_HELP = ("Each on/off option also takes its --no- form (e.g. --no-resume), which undoes a "
                  "--config value.")

@@ -361,3 +361,40 @@ def print_plot(name: str, opened, path) -> None:
         err.print(f"[yellow]warning:[/] {name} is {opened.status}: only its {len(opened.visible)} "
                   f"finished prompts (of {opened.n_prompts}) are shown", highlight=False)
     err.print(f"wrote {path}", highlight=False)
+
+
+@contextlib.contextmanager
+def export_progress(out: Console, show: bool = True):
+    """A callback ``(done, total)`` drawing a progress bar of the contexts written (twice each
+    when shuffled: to their place, then into the cache). The bar appears with the first report,
+    after every check: a refusal stays one line."""
+    if not show:
+        yield None
+        return
+    progress = Progress(TextColumn("[bold]export"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=out)
+    task = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("export", total=total)
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield report
+    finally:
+        if task is not None:
+            progress.stop()
+
+
+def export_table(done) -> Table:
+    """What ``gdn-dump export`` wrote: one row per hook."""
+    table = Table(title="exported")
+    for column in ("hook", "directory", "contexts", "context size", "d_in", "dropped rows", "bytes"):
+        table.add_column(column, justify="left" if column in ("hook", "directory") else "right")
+    for e in done:
+        table.add_row(e.hook, str(e.path), f"{e.contexts:,}", str(e.context_size), str(e.d_in),
+                      f"{e.dropped_rows:,}", format_bytes(e.bytes))
+    return table

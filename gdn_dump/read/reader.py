@@ -296,6 +296,16 @@ class Store:
         return TorchBatches(self.path, hooks=self.hook_names(hooks), batch_tokens=batch_tokens,
                             shuffle=shuffle, seed=seed, **options)
 
+    def sae_batches(self, hook: str, batch_tokens: int = 4096, head: int | None = None,
+                    seed: int = 0, **options):
+        """An endless, shuffled, epoch-cycling iterator of bare torch ``[batch_tokens, d_in]``
+        float32 tensors of one hook (heads flattened, or ``head`` alone): SAELens's
+        ``data_provider``, or any trainer's (:func:`gdn_dump.read.torch.sae_batches`). ``options``:
+        ``shuffle_blocks``, ``block_tokens`` as for :meth:`iter_batches`. Needs torch."""
+        from .torch import sae_batches  # torch only when asked for
+
+        return sae_batches(self, hook, batch_tokens, head=head, seed=seed, **options)
+
     # ---- reading blocks -----------------------------------------------------------------------
 
     def _batches(self, names, blocks, rows, batch_tokens, shuffle_blocks, rng, drop_last):

@@ -1,15 +1,26 @@
 """The reader's torch side: :class:`TorchBatches`, :meth:`gdn_dump.read.Store.iter_batches` as a
-``torch.utils.data.IterableDataset`` split across DataLoader workers. Its own module so that reading
-a store (``gdn_dump.read``) never imports torch."""
+``torch.utils.data.IterableDataset`` split across DataLoader workers, and :func:`sae_batches`,
+endless batches for sparse autoencoders. Its own module so that reading a store
+(``gdn_dump.read``) never imports torch.
+
+:func:`sae_batches`: bare ``[batch, d_in]`` float32 torch tensors, what SAELens's
+``SAETrainer(data_provider=...)`` and most trainers take: the rows of one hook (heads flattened, or one head), shuffled as
+:meth:`~gdn_dump.read.Store.iter_batches` shuffles them (chunk-aligned blocks in a permuted order,
+rows mixed within windows of blocks), epoch after epoch with a new order each, never running out.
+Every batch is full: an epoch's last rows start the next batch, so every owned row comes exactly
+once in each span of ``n_rows`` rows of the stream.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .exports.contexts import feature_shape
 from .reader import Store, open_store
 
 
@@ -61,3 +72,27 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch.from_numpy does not know it
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def sae_batches(store, hook: str, batch_tokens: int, head: int | None = None, seed: int = 0,
+                shuffle_blocks: int = 4, block_tokens: int | None = None) -> Iterator:
+    """``[batch_tokens, d_in]`` float32 tensors of ``hook``, forever (see the module)."""
+    (name,) = store.hook_names([hook])
+    feature_shape(store, name, head)  # the checks of --head
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be at least 1, not {batch_tokens}")
+    if not any(store.prompt_length[store.visible]):
+        raise ValueError(f"{store.path} has no finished rows to train on")
+    carry = np.zeros((0, 0), np.float32)
+    for epoch in itertools.count():
+        for batch in store.iter_batches(name, batch_tokens=batch_tokens, shuffle=True, seed=seed,
+                                        epoch=epoch, shuffle_blocks=shuffle_blocks,
+                                        block_tokens=block_tokens):
+            rows = batch[name] if head is None else batch[name][:, head]
+            rows = rows.reshape(len(rows), -1).astype(np.float32)
+            if len(carry):
+                rows = np.concatenate([carry, rows])
+            full = len(rows) // batch_tokens * batch_tokens
+            for lo in range(0, full, batch_tokens):
+                yield torch.from_numpy(np.ascontiguousarray(rows[lo:lo + batch_tokens]))
+            carry = rows[full:].copy()

@@ -211,6 +211,7 @@ PANELS = {
     "inspect": ["Arguments", "Run control"],
     "verify": ["Arguments", "Run control"],
     "finalize": ["Arguments", "Run control"],
+    "export": ["Arguments", "Export", "Run control"],
     None: ["Options", "Commands"],
 }
 
