@@ -128,8 +128,10 @@ class TableFile:
                     continue
                 groups.append(g)
             yield from _padded(skipped)
-            if groups:
-                yield from file.iter_batches(batch_size=READ_ROWS, row_groups=groups,
+            # One row group at a time: given all of them, pyarrow pre-buffers every requested
+            # column chunk, i.e. the whole file (measured: RSS grew with the file)
+            for g in groups:
+                yield from file.iter_batches(batch_size=READ_ROWS, row_groups=[g],
                                              columns=self.columns, use_threads=False)
             return
         for part, n in zip(self.parts, self.part_counts):
@@ -137,7 +139,7 @@ class TableFile:
                 start -= n
                 yield from _padded(n)
                 continue
-            with _arrow_stream(part) as reader:
+            with _arrow_stream(part, mapped=False) as reader:  # read, not mapped: RSS stays flat
                 for batch in reader:
                     yield batch.select(self.columns)
             start = 0
@@ -188,15 +190,16 @@ def _dataset_parts(path: Path, display: str) -> list[Path]:
 
 
 class _arrow_stream:
-    """An Arrow IPC stream (what ``save_to_disk`` writes), memory-mapped."""
+    """An Arrow IPC stream (what ``save_to_disk`` writes): memory-mapped (counting rows touches
+    only the batches' headers) or read a batch at a time (the records)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, mapped: bool = True):
+        self.path, self.mapped = path, mapped
 
     def __enter__(self):
         import pyarrow as pa
 
-        self.source = pa.memory_map(str(self.path))
+        self.source = pa.memory_map(str(self.path)) if self.mapped else pa.OSFile(str(self.path))
         try:
             return pa.ipc.open_stream(self.source)
         except BaseException:
