@@ -1,13 +1,14 @@
-"""The input stream: one or more files (globs expanded, in sorted order), read as one sequence
-of documents with indices counted across them.
+"""The input stream: one or more files (globs expanded, in sorted order), read as one sequence of
+documents with indices counted across them.
 
 :func:`open_corpus` opens every file (a cheap pass each: counts and digests from metadata, or for
-files of lines an undecoded line count and the sha256 of the bytes) and picks each file's reader from a small registry
-(:data:`READERS`): lines (``.txt``, ``.jsonl``, compressed or not), Parquet, a saved ``datasets``
-directory. A reader has ``display``, ``format``, ``count``, ``size``, ``digest`` (what identifies
-it), ``sha256``, ``read`` and ``documents(first_index, first_line, start)``. Records are decoded and checked when read, so a process reads only the documents it
-needs (:meth:`Corpus.documents` starts anywhere). Standard input and pipes are spooled to a
-temporary file, since the stream is read more than once.
+files of lines an undecoded line count and the sha256 of the bytes) and picks each file's reader
+from a small registry (:data:`READERS`): lines (``.txt``, ``.jsonl``, compressed or not), Parquet, a
+saved ``datasets`` directory. A reader has ``display``, ``format``, ``count``, ``n_lines`` (what the
+stream's default ids count: lines, or rows), ``size``, ``digest`` (what identifies it), ``sha256``,
+``read`` and ``documents(first_index, first_line, start)``. Records are decoded and checked when
+read, so a process reads only the documents it needs (:meth:`Corpus.documents` starts anywhere).
+Standard input and pipes are spooled to a temporary file, since the stream is read more than once.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Corpus:
             if end >= stop:
                 return
             first_index = end
-            first_line += getattr(file, "n_lines", file.count)
+            first_line += file.n_lines
 
     def __iter__(self) -> Iterator[Document]:
         return self.documents()

@@ -108,12 +108,7 @@ def _text(value: Any, where: str, field: str) -> str:
 
 def _messages(value: Any, where: str, field: str) -> tuple:
     """A conversation: a non-empty list of ``{"role": str, "content": str}``."""
-    value = _as_list(value)
-    if not isinstance(value, list):
-        raise PromptFileError(f"{where}: field {short(field)} must be a list of messages "
-                              f"({{\"role\", \"content\"}}), got {json_type(value)}")
-    if not value:
-        raise PromptFileError(f"{where}: field {short(field)} is an empty list")
+    value = _nonempty_list(value, where, field, 'messages ({"role", "content"})')
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise PromptFileError(f"{where}: message {i} of {short(field)} must be an object with "
@@ -129,14 +124,9 @@ def _messages(value: Any, where: str, field: str) -> tuple:
 
 
 def _token_ids(value: Any, where: str, field: str) -> tuple[int, ...]:
-    """Token ids as given: a non-empty list of non-negative ints (the vocabulary is checked by
-    the tokenizer's side, :func:`gdn_dump.run.tokens.encode`)."""
-    value = _as_list(value)
-    if not isinstance(value, list):
-        raise PromptFileError(f"{where}: field {short(field)} must be a list of token ids, "
-                              f"got {json_type(value)}")
-    if not value:
-        raise PromptFileError(f"{where}: field {short(field)} is an empty list")
+    """Token ids as given: a non-empty list of non-negative ints (the vocabulary is checked where
+    they are encoded, :class:`gdn_dump.run.tokens.Encoder`)."""
+    value = _nonempty_list(value, where, field, "token ids")
     for i, token in enumerate(value):
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise PromptFileError(f"{where}: field {short(field)}[{i}] must be a token id "
@@ -144,10 +134,16 @@ def _token_ids(value: Any, where: str, field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _as_list(value: Any) -> Any:
-    """Arrow gives list columns as lists already; a numpy array (some writers) becomes one."""
+def _nonempty_list(value: Any, where: str, field: str, what: str) -> list:
+    """``value`` as a list (Arrow gives lists already; a numpy array, from some writers, becomes
+    one), refused when it is not a list or is empty."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return value.tolist()
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise PromptFileError(f"{where}: field {short(field)} must be a list of {what}, "
+                              f"got {json_type(value)}")
+    if not value:
+        raise PromptFileError(f"{where}: field {short(field)} is an empty list")
     return value
 
 

@@ -12,11 +12,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ...errors import PromptFileError
 from .compression import open_lines
-from .fields import TEXT, Document, Fields, check_encodable, json_type, one_line
+from .fields import TEXT, Document, Fields, json_type, one_line
 
 TXT, JSONL = "txt", "jsonl"
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
@@ -195,5 +195,4 @@ def _load_json(line: str, where: str) -> Any:
         raise PromptFileError(f"{where}: invalid JSON ({one_line(str(exc))})") from None
 
 
-__all__ = ["JSONL", "JSONL_SUFFIXES", "LineFile", "LineOptions", "MAX_LINE_BYTES", "TXT",
-           "check_encodable"]
+__all__ = ["JSONL", "JSONL_SUFFIXES", "LineFile", "LineOptions", "MAX_LINE_BYTES", "TXT"]

@@ -54,6 +54,7 @@ class TableFile:
         self.columns = [fields.content] + ([fields.id] if fields.id in names and fields.id != fields.content else [])
         self.part_counts = counts
         self.count = sum(counts)
+        self.n_lines = self.count  # a row is a "line" of the stream (default ids count them)
         if self.count == 0:
             raise PromptFileError(f"{display}: no records (the table is empty)")
         self.size = sum(p.stat().st_size for p in self.parts)
