@@ -21,6 +21,9 @@ MODEL_DTYPES = ("float32", "float16", "bfloat16")  # --model-dtype (besides "aut
 PRECISIONS = ("float32", "float64")  # --precision: what the exact attention is computed in
 MATRIX_DTYPE = "float32"  # attention matrices, whatever they were computed in
 RESIDUAL_DTYPE = "float64"  # per-prompt attention residuals
+# machine epsilon of each model dtype: a 16-bit model's hooks are rounded to it, so a check of the
+# exact decompositions against them cannot be tighter than a few of these (store.finalize)
+EPSILON = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 TOKEN_DTYPE = "int32"
 INDEX_DTYPE = "int64"  # prompt_start, prompt_length, state_start, state_count, state_position
 

@@ -156,3 +156,29 @@ def estimated_kib(path, length: int, tmp: Path, **options) -> int:
     result = extract(opts)
     (estimate,) = plan_memory(opts, load_config(str(path)), result.plan, result.split, [length])
     return (estimate.host_bytes - estimate.weights) // 1024
+
+
+def save_random_checkpoint(path: str | Path, seed: int = 1, **config) -> Path:
+    """A random Qwen3.5 text checkpoint shaped like ``tiny`` but for ``config`` (e.g.
+    ``linear_num_value_heads``, ``layer_types``), its norm weights random too (so that
+    ``1 + w`` and the gated norm's ``w`` matter), saved at ``path``."""
+    import torch
+    from transformers import Qwen3_5ForCausalLM
+
+    from gdn_dump.model.tiny import build_tiny_tokenizer, set_gates, tiny_text_config
+
+    tokenizer = build_tiny_tokenizer()
+    text_config = tiny_text_config(tokenizer)
+    text_config.update(config)
+    text_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(text_config)
+    set_gates(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(0.0, 0.3)
+    path = Path(path)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -2,7 +2,7 @@
 
 Errors are not handled here: :class:`.options.Group` turns whatever a command raises into one line
 on stderr and its exit code (a traceback with ``--debug``). Importing this module imports no torch:
-extract, attn-matrix and hooks import the model code when they run, the others never do.
+extract, attn-matrix, contributions and hooks import the model code when they run, the others never do.
 """
 
 from __future__ import annotations
@@ -136,6 +136,37 @@ def attn_matrix(
         png_max_prompts=png_max_prompts)
 
 
+@app.command(cls=o.Command, epilog=RUN_EPILOG)
+def contributions(
+    ctx: typer.Context, *,
+    model: o.Model, revision: o.Revision = None, device: o.Device = "auto",
+    model_dtype: o.ModelDtype = None, kernels: o.Kernels = "auto",
+    trust_remote_code: o.TrustRemoteCode = False, allow_pickle_weights: o.AllowPickleWeights = False,
+    prompts: o.Prompts, text_field: o.TextField = "text", id_field: o.IdField = "id",
+    chat: o.Chat = False, messages_field: o.MessagesField = "messages",
+    add_generation_prompt: o.AddGenerationPrompt = False, tokens_field: o.TokensField = None,
+    context_size: o.ContextSize = None, max_tokens: o.MaxTokens = None,
+    max_length: o.MaxLength = None,
+    on_long: o.OnLong = "truncate", encoding_errors: o.EncodingErrors = "strict",
+    layer: o.ContribLayers = "all", heads: o.Heads = None, logits: o.Logits = "next",
+    vectors: o.Vectors = False, precision: o.Precision = "float32", max_bytes: o.MaxBytes = "16GiB",
+    out: o.Out, stats: o.Stats = True, fail_on_nonfinite: o.FailOnNonfinite = False,
+    overwrite: o.Overwrite = False,
+    batch_size: o.BatchSize = 1, max_batch_tokens: o.MaxBatchTokens = None,
+    sort_window: o.SortWindow = "1GiB",
+    shard: o.Shard = None, resume: o.Resume = False, wait_timeout: o.WaitTimeout = 600.0,
+    checkpoint_every: o.CheckpointEvery = 60.0,
+    dry_run: o.DryRun = False, force: o.Force = False, quiet: o.Quiet = False,
+    config: o.Config = None, debug: o.Debug = False,
+) -> None:
+    """Store what each source token writes, through each head, into the residual stream: the
+    norms of the exact contributions c[h, i, j] (summing to the layer's output, checked on every
+    prompt), their direct logit attribution, and with --vectors the vectors themselves."""
+    _run(ctx, _options("contributions", locals(), hooks="", attn_layers=layer, attn_heads=heads,
+                       attn_precision=precision, contrib_logits=logits, contrib_vectors=vectors),
+         quiet=quiet)
+
+
 @app.command(cls=o.Command, epilog=o.NO_FLAGS_HELP)
 def hooks(
     model: o.Model, revision: o.Revision = None, trust_remote_code: o.TrustRemoteCode = False,
@@ -162,17 +193,18 @@ def inspect(store: o.StoreArg, debug: o.Debug = False) -> None:
 @app.command(cls=o.Command)
 def plot(
     store: o.StoreArg, kind: o.Kind, out: o.FigureOut, layer: o.PlotLayer = None,
-    head: o.PlotHead = None, prompt: o.PlotPrompt = None, hook: o.PlotHook = "recurrence_out",
+    head: o.PlotHead = None, prompt: o.PlotPrompt = None, query: o.PlotQuery = None,
+    hook: o.PlotHook = "recurrence_out",
     width: o.Width = 10.0, height: o.Height = 6.0, dpi: o.Dpi = 100, debug: o.Debug = False,
 ) -> None:
-    """Draw one figure of a store: decay half-lives, beta, an attention matrix, norm profiles
-    or recurrent states."""
+    """Draw one figure of a store: decay half-lives, beta, an attention matrix, norm profiles,
+    recurrent states, or per-source-token contributions and their logit attribution."""
     from ..read.plots import plot_store
     from ..read.reader import open_store
 
     opened = open_store(store)  # only finished prompts: on an in_progress store, those written
     path = plot_store(opened, kind, out, layer=layer, head=head, prompt=prompt, hook=hook,
-                      width=width, height=height, dpi=dpi, name=store)
+                      width=width, height=height, dpi=dpi, name=store, query=query)
     render.print_plot(store, opened, path)
 
 

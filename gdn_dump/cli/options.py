@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 import typer.core
 
-from ..catalogue import DEFAULT_HOOKS, MATRIX_METHODS, MATRIX_MODES
+from ..catalogue import DEFAULT_HOOKS, LOGITS_NEXT, LOGITS_NONE, MATRIX_METHODS, MATRIX_MODES
 from ..dtypes import MODEL_DTYPES, PRECISIONS, STATE_DTYPE, STATE_DTYPES, STORAGE_DTYPES
 from ..errors import GdnDumpError, Terminated
 from ..model.kernels import KERNEL_CHOICES
@@ -306,6 +306,17 @@ PngLog = Annotated[bool, option(panel=MATRICES, help="Log colour scale (of |M|) 
 PngMaxPrompts = Annotated[int, option(metavar="N", panel=MATRICES,
                                       help="Heatmaps for this many prompts (the first ones).")]
 
+# Contributions
+ContribLayers = Annotated[str, option("--layer", "--layers", metavar="LIST", panel=MATRICES, help=(
+    "all, or e.g. 3 or 0-7: GDN and softmax-attention layers whose per-source-token "
+    "contributions are stored."))]
+Logits = Annotated[str, option("--logits", metavar=f"{LOGITS_NEXT}|{LOGITS_NONE}|ID", panel=MATRICES, help=(
+    "Direct logit attribution of every contribution (blocks.<i>.contribution_logit): to the next "
+    "token's logit, to a fixed token id's, or none."))]
+Vectors = Annotated[bool, option("--vectors", panel=MATRICES, help=(
+    "Also store every contribution vector (blocks.<i>.contribution, d_model floats per head, "
+    "query and key: small runs; counted by --max-bytes)."))]
+
 # Store
 Out = Annotated[str, option("--out", "-o", metavar="STORE", panel=STORE,
                             help="The Zarr store to write: a directory or s3://bucket/prefix.")]
@@ -368,18 +379,24 @@ Kind = Annotated[str, choice(KINDS, "--kind", "-k", panel=FIGURE,
                              message="{option} {value!r} is unknown: one of {choices}", help=(
     "decay: half-life ln(0.5)/g in tokens; beta; attn: an attention matrix; norms: the norm "
     "profile along the sequence; state: the recurrent state's norm, effective rank and "
-    "spectrum."))]
+    "spectrum; contrib: how much each source token writes into each position through one head "
+    "(from gdn-dump contributions); logit: which source tokens pushed the prediction at one "
+    "position (direct logit attribution per layer)."))]
 FigureOut = Annotated[Path, option("--out", "-o", metavar="FILE", panel=FIGURE,
                                    help="The image to write (.png; its directory must exist).")]
 PlotLayer = Annotated[Optional[int], option("--layer", metavar="N", panel=FIGURE, help=(
-    "decay/beta: per-head distributions of this layer; attn, state: the layer (default: the "
-    "first with an attn_matrix, with states); norms: a line per head of this layer."))]
+    "decay/beta: per-head distributions of this layer; attn, state, contrib: the layer (default: "
+    "the first with an attn_matrix, with states, with contributions); logit: a row per head of "
+    "this layer (default: a row per layer); norms: a line per head of this layer."))]
 PlotHead = Annotated[Optional[int], option("--head", metavar="N", panel=FIGURE, help=(
-    "attn: the head (default 0); decay/beta: this head's distribution per layer (or in "
-    "--layer); norms, state: this head only."))]
+    "attn: the head (default 0); contrib: the head (default: the first stored); decay/beta: this "
+    "head's distribution per layer (or in --layer); logit, norms, state: this head only."))]
 PlotPrompt = Annotated[Optional[int], option("--prompt", metavar="N", panel=FIGURE, help=(
-    "0-based prompt index: attn's prompt (default 0); state's (default: the first with "
-    "snapshots); the other kinds: only this prompt (default: all)."))]
+    "0-based prompt index: the prompt of attn, contrib and logit (default 0); state's (default: "
+    "the first with snapshots); the other kinds: only this prompt (default: all)."))]
+PlotQuery = Annotated[Optional[int], option("--query", metavar="I", panel=FIGURE, help=(
+    "logit: the position whose prediction is explained (default: the prompt's last with a "
+    "target: n-2 for the next token, n-1 for --logits ID)."))]
 PlotHook = Annotated[str, option("--hook", metavar="HOOK", panel=FIGURE, help=(
     "norms: a short name (recurrence_out, v, q, ...) or a full array name."))]
 Width = Annotated[float, option(metavar="IN", panel=IMAGE, help="Figure width in inches.")]

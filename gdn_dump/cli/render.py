@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..catalogue import CONTRIBUTION_NORM
 from ..errors import GdnDumpError, Terminated
 from ..ops.stats import histogram_median
 from ..run.result import Reporter
@@ -158,7 +159,7 @@ def plan_table(plan, title: str = "plan") -> Table:
                       ",".join(spec.dims), size)
     table.caption = (f"{plan.n_prompts} prompts, {plan.n_rows} token rows, "
                      f"{len(plan.arrays)} arrays, {format_bytes(plan.total_bytes)} uncompressed"
-                     + (f" (attention matrices: {format_bytes(plan.matrix_bytes)}, only tiles on or "
+                     + (f" (matrices: {format_bytes(plan.matrix_bytes)}, only tiles on or "
                         "below the diagonal written)" if plan.matrix_bytes else "")
                      + (f", {plan.truncated} prompts truncated to {plan.max_length} tokens"
                         if plan.truncated else "")
@@ -214,7 +215,8 @@ def summary_table(result) -> Table:
     for name, count in result.overflow.items():
         table.add_row(f"[red]overflow in {name}", f"{count:,} values")
     for name, (worst, total, n) in sorted(result.residuals.items()):
-        table.add_row(f"{name} ||MV-o||/||o||", f"max {worst:.1e}, mean {total / max(n, 1):.1e}")
+        check = "max_i ||sum c - out||/||out||" if name.endswith(CONTRIBUTION_NORM) else "||MV-o||/||o||"
+        table.add_row(f"{name} {check}", f"max {worst:.1e}, mean {total / max(n, 1):.1e}")
     return table
 
 

@@ -17,13 +17,14 @@ import math
 
 import numpy as np
 
-from ..catalogue import matrix_layers, matrix_name, state_name, stored_layers
+from ..catalogue import MATRIX_SUFFIX, matrix_layers, matrix_name, state_name, stored_layers
 from ..errors import GdnDumpError
 from ..ops.state_replay import effective_rank, frobenius_norm, singular_values
 from . import states
+from .matrices import stored_heads
 from .reader import Store
 
-KINDS = ("decay", "beta", "attn", "norms", "state")
+KINDS = ("decay", "beta", "attn", "norms", "state", "contrib", "logit")  # contrib, logit: read.attribution
 LN_HALF = math.log(0.5)
 G_CEILING = -1e-30  # g >= 0 (no decay) is read as this: a finite, huge half-life (~7e29 tokens)
 MAX_SAMPLE_ROWS = 1 << 19  # rows per layer kept for quantiles (x heads x 8 bytes: 200 MB at 48 heads)
@@ -236,25 +237,38 @@ def attention_data(store, layer: int | None = None, head: int = 0, prompt: int =
     """One (finished) prompt's attention matrix of one head, [n, n] (n = the prompt's length),
     its tokens."""
     store = as_store(store)
-    layers = matrix_layers(store)
-    if not layers:
-        raise GdnDumpError("the store has no attention matrices (blocks.<i>.attn_matrix); make them "
-                           "with attn-matrix or extract --attn-layers")
-    layer = layers[0] if layer is None else layer
-    if layer not in layers:
-        raise GdnDumpError(f"--layer {layer} has no attn_matrix in this store; layers with one: "
-                           f"{', '.join(map(str, layers))}")
-    arr = store[matrix_name(layer)]
-    heads = [int(h) for h in arr.attrs.get("heads", range(arr.shape[1]))]
+    arrays = {each: matrix_name(each) for each in matrix_layers(store)}
+    return head_matrix(store, arrays, MATRIX_SUFFIX, NO_MATRICES, layer, head, prompt)
+
+
+NO_MATRICES = ("the store has no attention matrices (blocks.<i>.attn_matrix); make them with "
+               "attn-matrix or extract --attn-layers")
+
+
+def head_matrix(store: Store, arrays: dict[int, str], what: str, missing: str, layer: int | None,
+                head: int | None, prompt: int) -> dict:
+    """One head's ``[n, n]`` block (query, key) of one (finished) prompt of the per-prompt matrix
+    arrays ``{layer: name}`` (``what`` is their name in errors, ``missing`` the error when there
+    are none): ``layer`` (default: the first), ``head`` (a model head index; default: the first
+    stored). ``{"name", "layer", "head", "prompt", "prompt_id", "kind", "matrix", "tokens"}``."""
+    if not arrays:
+        raise GdnDumpError(missing)
+    layer = next(iter(arrays)) if layer is None else layer
+    if layer not in arrays:
+        raise GdnDumpError(f"--layer {layer} has no {what} in this store; layers with one: "
+                           f"{', '.join(map(str, arrays))}")
+    name = arrays[layer]
+    arr = store[name]
+    heads = stored_heads(arr)
+    head = heads[0] if head is None else head
     if head not in heads:
-        raise GdnDumpError(f"--head {head} is out of range: {matrix_name(layer)} has heads "
-                           f"{_ranges(heads)}")
+        raise GdnDumpError(f"--head {head} is out of range: {name} has heads {_ranges(heads)}")
     _check_prompt(store, prompt)
     rows = store.rows(prompt)
     n = rows.stop - rows.start
     if n == 0:
         raise GdnDumpError(f"--prompt {prompt} has no stored tokens (skipped as too long)")
-    return {"layer": layer, "head": head, "prompt": prompt, "kind": arr.attrs.get("kind"),
+    return {"name": name, "layer": layer, "head": head, "prompt": prompt, "kind": arr.attrs.get("kind"),
             "prompt_id": str(store["prompt_id"][prompt]),
             "matrix": arr[prompt, heads.index(head), :n, :n],
             "tokens": np.asarray(store["tokens"][rows])}

@@ -1,5 +1,6 @@
 """Figures of a store (matplotlib, headless): attention heatmaps (``attn-matrix --png``) and the
-figures of ``gdn-dump plot`` (decay, beta, attn, norms, state; their data is in :mod:`gdn_dump.read.figures`).
+figures of ``gdn-dump plot`` (decay, beta, attn, norms, state; their data is in :mod:`gdn_dump.read.figures`;
+contrib, logit: :mod:`gdn_dump.read.attribution`).
 
 Drawn with matplotlib's object API (a ``Figure`` on its own Agg canvas), never through pyplot:
 plotting from a notebook leaves its backend, its open figures and pyplot's state as they were.
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalogue import is_matrix, matrix_name
+from ..catalogue import CONTRIBUTION_NORM, LOGITS_NEXT, is_matrix
 from ..errors import GdnDumpError
 
 ANNOTATE_MAX_CELLS = 200  # values written into heatmap cells up to this many cells
 LABEL_MAX_TOKENS = 48  # token strings on the axes only where they stay readable
+ANNOTATE_MAX_COLUMNS = 24  # logit: values written into cells only while they fit
 
 
 def _canvas():
@@ -81,10 +83,16 @@ def attention_heatmaps(store, out_dir: str | Path, tokenizer=None, *, max_prompt
     return written
 
 
-def _heatmap(matrix, labels, path, log_scale, size_inches, dpi, title, fmt=None):
-    """One lower-triangular heatmap; ``size_inches`` is a side (square) or a (width, height) pair."""
-    from matplotlib.colors import LogNorm, Normalize
+ATTENTION_TEXT = ("M[i, j]", ("key position j", "query position i"))  # value, (x, y) labels
+CONTRIBUTION_TEXT = ("||c[i, j]||", ("source token j", "position i"))  # contrib's
 
+
+def _heatmap(matrix, labels, path, log_scale, size_inches, dpi, title, fmt=None, text=ATTENTION_TEXT):
+    """One lower-triangular heatmap; ``size_inches`` is a side (square) or a (width, height) pair;
+    ``text``: what a value is, and the (x, y) axis labels."""
+    from matplotlib.colors import LogNorm
+
+    value_label, axes = text
     fig = _figure(size_inches, dpi)
     ax = fig.subplots()
     lower = np.tril(np.ones_like(matrix, dtype=bool))
@@ -94,17 +102,14 @@ def _heatmap(matrix, labels, path, log_scale, size_inches, dpi, title, fmt=None)
         vmin = float(positive.min()) if positive.size else 1e-12
         image = ax.imshow(magnitude, norm=LogNorm(vmin=vmin, vmax=max(vmin * 10, float(np.nanmax(magnitude)))),
                           cmap="viridis")
-        label = "|M[i, j]| (log)"
+        label = f"|{value_label}| (log)"
     else:
         shown = np.where(lower, matrix, np.nan)
-        bound = float(np.nanmax(np.abs(shown))) or 1.0
-        signed = bool(np.nanmin(shown) < 0)
-        image = ax.imshow(shown, cmap="RdBu_r" if signed else "viridis",
-                          norm=Normalize(vmin=-bound if signed else 0.0, vmax=bound))
-        label = "M[i, j]"
+        image = ax.imshow(shown, **_colours(shown))
+        label = value_label
     fig.colorbar(image, ax=ax, shrink=0.8, label=label)
-    ax.set_xlabel("key position j")
-    ax.set_ylabel("query position i")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_title(title, fontsize=8)
     if labels is not None:
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
@@ -112,16 +117,32 @@ def _heatmap(matrix, labels, path, log_scale, size_inches, dpi, title, fmt=None)
     _save(fig, path, fmt)
 
 
+def _colours(values, signed: bool | None = None) -> dict:
+    """imshow's ``cmap`` and ``norm``: a diverging map centred at 0 for signed values (or when
+    ``signed``), viridis from 0 otherwise; NaN cells are ignored."""
+    from matplotlib.colors import Normalize
+
+    values = np.asarray(values, dtype=np.float64)
+    some = bool(np.isfinite(values).any())
+    bound = (float(np.nanmax(np.abs(values))) if some else 0.0) or 1.0
+    if signed is None:
+        signed = some and bool(np.nanmin(values) < 0)
+    return {"cmap": "RdBu_r" if signed else "viridis",
+            "norm": Normalize(vmin=-bound if signed else 0.0, vmax=bound)}
+
+
 # ---------------------------------------------------------------------------------------------
 # gdn-dump plot: one figure per command (the data comes from gdn_dump.read.figures)
 
 def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, head: int | None = None,
                prompt: int | None = None, hook: str = "recurrence_out", width: float = 10.0,
-               height: float = 6.0, dpi: int = 100, name: str | None = None) -> Path:
+               height: float = 6.0, dpi: int = 100, name: str | None = None,
+               query: int | None = None) -> Path:
     """Draw one figure of a store (a :class:`~gdn_dump.read.reader.Store`, a path or URL, or an
     open group) into ``out``; returns the path. Only finished prompts are shown. ``name`` is the
-    store as the titles call it (default: its path)."""
-    from . import figures
+    store as the titles call it (default: its path). ``query``: the position whose prediction
+    ``kind="logit"`` explains (default: the prompt's last one with a target); other kinds ignore it."""
+    from . import attribution, figures
 
     if kind not in figures.KINDS:
         raise GdnDumpError(f"--kind {kind!r} is unknown: one of {', '.join(figures.KINDS)}")
@@ -142,6 +163,12 @@ def plot_store(store, kind: str, out: str | Path, *, layer: int | None = None, h
     if kind == "attn":
         data = figures.attention_data(store, layer, 0 if head is None else head, 0 if prompt is None else prompt)
         draw_attention(data, store.tokenizer, out, size, dpi, fmt)
+    elif kind == "contrib":
+        data = attribution.contribution_data(store, layer, head, 0 if prompt is None else prompt)
+        draw_attention(data, store.tokenizer, out, size, dpi, fmt)
+    elif kind == "logit":
+        data = attribution.logit_data(store, layer, head, 0 if prompt is None else prompt, query)
+        draw_logit(data, store.tokenizer, out, size, dpi, fmt, name)
     elif kind == "state":
         data = figures.state_data(store, layer, head, prompt)
         draw_states(data, out, size, dpi, fmt, name)
@@ -308,13 +335,63 @@ def draw_states(data, path, size, dpi, fmt, name) -> None:
     _save(fig, path, fmt)
 
 
+def _token_axis(tokenizer, tokens) -> list[str] | None:
+    """Axis labels for ``tokens``: their strings (token ids without a tokenizer), or None when
+    there are too many to read."""
+    if len(tokens) > LABEL_MAX_TOKENS:
+        return None
+    return token_labels(tokenizer, tokens) if tokenizer is not None else [str(int(t)) for t in tokens]
+
+
 def draw_attention(data, tokenizer, path, size, dpi, fmt) -> None:
-    """The heatmap of one head's attention matrix, axes labelled with the prompt's tokens."""
+    """The heatmap of one head's matrix (an attention matrix, or ``||c_{h,i,j}||`` for
+    ``contrib``), axes labelled with the prompt's tokens."""
     tokens = data["tokens"]
-    labels = None
-    if len(tokens) <= LABEL_MAX_TOKENS:
-        labels = token_labels(tokenizer, tokens) if tokenizer is not None else [str(int(t)) for t in tokens]
-    title = (f"{matrix_name(data['layer'])} head {data['head']} ({data['kind']}), "
+    contribution = data["kind"] == CONTRIBUTION_NORM
+    what = "how much source token j writes into position i" if contribution else data["kind"]
+    title = (f"{data['name']} head {data['head']} ({what}), "
              f"prompt {data['prompt']} (id {data['prompt_id']}, {len(tokens)} tokens)"
              + ("" if tokenizer is not None else "; labels are token ids"))
-    _heatmap(data["matrix"], labels, path, False, size, dpi, title, fmt=fmt)
+    _heatmap(data["matrix"], _token_axis(tokenizer, tokens), path, False, size, dpi, title,
+             fmt=fmt, text=CONTRIBUTION_TEXT if contribution else ATTENTION_TEXT)
+
+
+def draw_logit(data, tokenizer, path, size, dpi, fmt, name) -> None:
+    """Which source tokens pushed the prediction at one position: a heatmap of the direct logit
+    attribution per layer (or head) and source token, diverging around 0, and below it the
+    bars of their sum."""
+    values, total, query = data["values"], data["total"], data["query"]
+    keys = np.arange(query + 1)
+    fig = _figure(size, dpi)
+    (heat, bar_of_colours), (bars, spare) = fig.subplots(
+        2, 2, gridspec_kw={"width_ratios": [40, 1], "height_ratios": [3, 1]})
+    image = heat.imshow(values, aspect="auto", interpolation="nearest", **_colours(values, signed=True))
+    fig.colorbar(image, cax=bar_of_colours, label="direct logit attribution")
+    spare.axis("off")
+    heat.set_yticks(range(len(data["labels"])), data["labels"], fontsize=7)
+    heat.set_ylabel("layer" if data["axis"] == "layer" else f"head of layer {data['layers'][0]}")
+    if values.size <= ANNOTATE_MAX_CELLS and len(keys) <= ANNOTATE_MAX_COLUMNS:
+        for (r, j), value in np.ndenumerate(values):
+            heat.text(j, r, f"{value:.2g}", ha="center", va="center", fontsize=6)
+    bars.bar(keys, total, color=np.where(total >= 0, "#b2182b", "#2166ac"))
+    bars.axhline(0.0, color="black", linewidth=0.6)
+    bars.set_xlim(heat.get_xlim())
+    bars.set_ylabel("sum", fontsize=8)
+    bars.set_xlabel("source token j")
+    labels = _token_axis(tokenizer, data["tokens"][:query + 1])
+    heat.tick_params(axis="x", labelbottom=False)  # the bars below carry the tokens
+    if labels is not None:
+        heat.set_xticks(keys)
+        bars.set_xticks(keys, labels, rotation=90, fontsize=6)
+    target = data["target_token"]
+    shown = _token_axis(tokenizer, [target])
+    what = f"next token {shown[0]!r}" if data["target"] == LOGITS_NEXT else f"token {target} ({shown[0]!r})"
+    at = _token_axis(tokenizer, data["tokens"][query:query + 1])
+    rows = (f"per head of layer {data['layers'][0]}" if data["axis"] == "head" else
+            f"head {data['head']}, per layer" if data["head"] is not None else
+            "summed over the stored heads, per layer")
+    fig.suptitle(f"which source tokens pushed the logit of the {what} at position {query} "
+                 f"({at[0]!r}): direct logit attribution, {rows}\n"
+                 f"prompt {data['prompt']} (id {data['prompt_id']}, {len(data['tokens'])} tokens), "
+                 f"{name}" + ("" if tokenizer is not None else "; labels are token ids"), fontsize=8)
+    _save(fig, path, fmt)

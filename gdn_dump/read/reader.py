@@ -22,12 +22,13 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from ..catalogue import ROW_ARRAYS, ROW_DOCUMENT, state_layers
+from ..catalogue import ROW_ARRAYS, state_layers
 from ..errors import StoreError
 from ..tokenizer import load_tokenizer_offline
 from ..store.ledger import read_record, ready_info
 from ..store.create import ATTR, COMPLETE, open_group
-from . import states as _states
+from . import matrices as _matrices, states as _states
+from .record import PromptRecord
 from .rows import BLOCK_BYTES, GAP, RowOwners, concat_blocks, lazy_owner_coordinate, block_length, row_bytes, chunk_unit
 
 TOKEN_DIM = "token"
@@ -86,9 +87,10 @@ class Store:
 
     @cached_property
     def matrices(self) -> list[str]:
-        """Names of the attention-matrix arrays ``[n_prompts, heads, L, L]`` (possibly none)."""
-        return sorted(name for name, dims in self._dims.items()
-                      if len(dims) == 4 and dims[0] == PROMPT_DIM)
+        """Names of the per-prompt matrix arrays (possibly none): attention matrices and
+        contribution norms / logits ``[n_prompts, heads, L, L]``, contribution vectors
+        ``[n_prompts, heads, L, L, d_model]`` (:mod:`gdn_dump.read.matrices`)."""
+        return _matrices.matrix_arrays(self._dims)
 
     @cached_property
     def state_layers(self) -> list[int]:
@@ -220,8 +222,12 @@ class Store:
         and on an ``in_progress`` store the rows of unfinished prompts). On ``prompt``:
         ``prompt_id``, ``prompt_start``, ``prompt_length`` and ``finished`` (bool). Select a
         prompt's rows with ``ds[hook].isel(token=ds.prompt.values == p)``. On ``state`` (stores
-        with recurrent states): ``state_prompt`` (-1 likewise) and ``state_position``. ``chunks``
-        goes to ``xarray.open_zarr`` (give ``{}`` for dask arrays when dask is installed).
+        with recurrent states): ``state_prompt`` (-1 likewise) and ``state_position``. Per-prompt
+        matrices keep their dims (``prompt``, a head axis, ``query``, ``key``, and ``d_model`` for
+        contribution vectors; zero past each prompt's length), the head axes get the model's head
+        indices as coordinate where their arrays agree; per-prompt scalars (``*_residual``) are on
+        ``prompt``. ``chunks`` goes to ``xarray.open_zarr`` (give ``{}`` for dask arrays when dask
+        is installed).
         """
         try:
             import xarray as xr
@@ -237,7 +243,7 @@ class Store:
             position=xr.Variable((TOKEN_DIM,), lazy_owner_coordinate(self._owners, self.n_rows, 1)),
             finished=((PROMPT_DIM,), finished),
         )
-        return _states.with_state_coordinates(self, ds)
+        return _matrices.with_head_coordinates(self, _states.with_state_coordinates(self, ds))
 
     def block_rows(self, names: list[str], batch_tokens: int, block_tokens: int | None = None,
                    budget_bytes: int = BLOCK_BYTES) -> int:
@@ -340,62 +346,6 @@ class Store:
         for name, arr in arrays.items():  # "tokens" and the hooks
             out[name] = np.asarray(arr[first:last])[keep]
         return out
-
-
-class PromptRecord:
-    """One finished prompt: ``index``, ``id``, ``token_ids`` ``[n]`` int32, ``text`` (or None).
-
-    ``record[hook]`` reads that hook's rows ``[n, ...]`` (once, then kept);
-    ``record.matrix(name)`` reads an attention matrix ``[heads, n, n]``.
-    """
-
-    def __init__(self, store: Store, index: int, id: str, token_ids: np.ndarray, rows: slice):
-        self.index = index
-        self.id = id
-        self.token_ids = token_ids
-        self.rows = rows
-        self._store = store
-        self._read: dict[str, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return int(self.token_ids.shape[0])
-
-    def __repr__(self) -> str:
-        return f"<PromptRecord {self.index} id={self.id!r}: {len(self)} tokens>"
-
-    @property
-    def hooks(self) -> list[str]:
-        return self._store.hooks
-
-    @cached_property
-    def text(self) -> str | None:
-        """The token ids decoded with the run's tokenizer (None when it cannot be loaded here)."""
-        tokenizer = self._store.tokenizer
-        return None if tokenizer is None else tokenizer.decode(self.token_ids.tolist())
-
-    @cached_property
-    def documents(self) -> np.ndarray | None:
-        """Packed contexts (``--context-size``): each row's source document ``[n]`` int64 (its
-        index in the input stream, ``row_document``); None for a store of whole prompts."""
-        if ROW_DOCUMENT not in self._store:
-            return None
-        return np.asarray(self._store[ROW_DOCUMENT][self.rows], dtype=np.int64)
-
-    def __getitem__(self, hook: str) -> np.ndarray:
-        if hook not in self._read:
-            if hook not in self._store.hooks:
-                hint = " (an attention matrix: use .matrix(name))" if hook in self._store.matrices else ""
-                raise KeyError(f"{hook!r} is not a per-token hook of {self._store.path}{hint}")
-            self._read[hook] = np.asarray(self._store[hook][self.rows])
-        return self._read[hook]
-
-    def matrix(self, name: str) -> np.ndarray:
-        """Attention matrix ``name`` of this prompt: ``[heads, n, n]`` (query, key)."""
-        if name not in self._store.matrices:
-            raise KeyError(f"{name!r} is not an attention matrix of {self._store.path}; it has "
-                           f"{', '.join(self._store.matrices) or 'none'}")
-        n = len(self)
-        return np.asarray(self._store[name][self.index, :, :n, :n])
 
 
 def _group_path(group: zarr.Group) -> str:

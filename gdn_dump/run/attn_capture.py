@@ -26,7 +26,7 @@ ROW_CHUNK = 64  # the chunk of gdn_effective_attention_rows
 def block_rows(plan) -> int:
     """Query rows per block of every matrix of ``plan``: whole tiles of the store (so a tile is
     written by one block only), a multiple of the exact kernel's chunk."""
-    tile = max([a.chunks[-1] for a in plan.arrays if a.stream is None] or [ATTENTION_TILE])
+    tile = max([a.chunks[2] for a in plan.arrays if a.stream is None] or [ATTENTION_TILE])
     return -(-tile // ROW_CHUNK) * ROW_CHUNK
 
 
@@ -58,6 +58,10 @@ class AttentionCapture:
         self.rows = rows  # query rows per block: see block_rows
         self._kept: dict[str, torch.Tensor] = {}
 
+    @property
+    def forward_layers(self) -> list[int]:
+        return [a.layer for a in self.layers]
+
     def fwd_hooks(self):
         def keep(tensor: torch.Tensor, hook) -> None:
             self._kept[hook.name] = tensor
@@ -66,7 +70,7 @@ class AttentionCapture:
     def reset(self) -> None:
         self._kept = {}
 
-    def finish(self, lengths: list[int]) -> dict[str, list[PromptMatrix]]:
+    def finish(self, lengths: list[int], input_ids=None) -> dict[str, list[PromptMatrix]]:
         """Each selected layer's matrix for each prompt of the batch, as row blocks.
 
         Exact GDN matrices (the chunked method) are computed as they are read, a block of query
@@ -120,6 +124,12 @@ class PromptMatrix:
         return cls(((top, matrix[:, top:top + rows, :min(top + rows, n)]) for top in range(0, n, rows)),
                    residual=residual)
 
+    def pieces(self, name: str):
+        """``(name, top, heads, block)`` for the writer's ``write_matrix_rows`` (every head at
+        once), from :meth:`blocks`."""
+        for top, block in self.blocks():
+            yield name, top, slice(None), block
+
     def blocks(self):
         """Yields each block once; computes (and checks) them on the thread that reads them."""
         num = den = 0.0
@@ -134,11 +144,11 @@ class PromptMatrix:
                     block = block.float().cpu().numpy()
                 yield top, block
         if self._v is not None:
-            self.residual = _ratio(num, den)
+            self.residual = norm_ratio(num, den)
 
 
-def _ratio(num: float, den: float) -> float:
-    """``sqrt(num / den)`` as :func:`relative_residual` words it: 0 for 0 / 0, inf for x / 0."""
+def norm_ratio(num: float, den: float) -> float:
+    """``sqrt(num / den)`` (squared norms in) as :func:`relative_residual` words it: 0 for 0 / 0, inf for x / 0."""
     if den > 0:
         return math.sqrt(num / den)
     return 0.0 if num == 0 else math.inf

@@ -130,7 +130,8 @@ class Capture:
         self.bridge = bridge
         self.hooks = hooks
         self.device = device
-        self.attention = attention  # an attn_capture.AttentionCapture, or None
+        # an attn_capture.AttentionCapture, a contrib_capture.ContributionCapture, or None
+        self.attention = attention
         self.states = states  # a state_capture.StateCapture, or None
         if states is not None:
             states.keep = self._keep_state
@@ -141,8 +142,7 @@ class Capture:
         self.stats = stats or {}
         self.dtypes = {h.name: state_dtype if h.kind == STATE else hook_dtype(h.scalar, storage_dtype)
                        for h in hooks}
-        attn_layers = [a.layer for a in attention.layers] if attention else []
-        self.stop_at_layer = stop_layer(hooks, attn_layers)
+        self.stop_at_layer = stop_layer(hooks, attention.forward_layers if attention else [])
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # the state hook never fires (TransformerLens fires it only on its eager scan): the
@@ -202,7 +202,7 @@ class Capture:
             )
         if self.attention is not None:
             try:
-                matrices = self.attention.finish(lengths)
+                matrices = self.attention.finish(lengths, input_ids)
             except KeyError as exc:
                 raise RunFailure(f"hook {exc} did not fire; the attention matrices need it") from None
             batch.matrices.update(matrices)

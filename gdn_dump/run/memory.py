@@ -7,7 +7,8 @@ An estimate from the model's config and the plan, no weights loaded, in four par
   ``[heads, L, L]`` scores and pattern when TransformerLens's explicit path runs, see
   :func:`gdn_dump.run.capture.softmax_path`);
 - ``matrices``: what the exact attention matrices keep during the forward (the hooks they are
-  computed from) and need after it (per head a ``d_k x L`` state and a block of rows);
+  computed from) and need after it (per head a ``d_k x L`` state and a block of rows); for
+  contributions also their quadratic forms' operands (:func:`_contribution_bytes`);
 - ``rows``: the prompt's rows on the host while they wait for the writer, all of them below the
   streaming length, a few :data:`~gdn_dump.run.capture.PIECE_BYTES` pieces above it;
 - and a fixed :data:`RUN_OVERHEAD` on the host (threads, TensorStore, the store's metadata).
@@ -27,6 +28,7 @@ from ..store.layout import Plan
 from ..model.attention import BRIDGE
 from .attn_capture import block_rows
 from .capture import PIECE_BYTES, stop_layer
+from .contrib_capture import VECTOR_PIECE_BYTES
 
 GDN_CHUNK = 64  # tokens per chunk of both GDN kernels
 _F32 = 4
@@ -61,7 +63,7 @@ def estimate_memory(config, plan: Plan, tokens: int, *, model_dtype: str, device
     """The estimate for a prompt of ``tokens`` tokens run with ``plan`` (``softmax``:
     :func:`gdn_dump.run.capture.softmax_path`; ``stream_from``: :func:`.plan.stream_tokens`)."""
     b = itemsize(model_dtype)
-    stop = stop_layer(plan.hooks, [a.layer for a in plan.matrices])  # the layers the forward runs
+    stop = stop_layer(plan.hooks, plan.forward_layers)  # the layers the forward runs
     layers = config.layer_types[:stop]
     per_token = max([_gdn_bytes(config, b, fla) if t == GDN_LAYER_TYPE else
                      _attention_bytes(config, b, tokens if softmax == BRIDGE else 0)
@@ -157,7 +159,28 @@ def _matrix_bytes(config, plan: Plan, tokens: int, b: int) -> int:
         else:  # the pattern itself (the explicit path), cut into blocks
             after = heads * tokens * tokens * _F32
         total += after
-    return total
+    return total + sum(_contribution_bytes(config, c, tokens, b, rows) for c in plan.contributions)
+
+
+def _contribution_bytes(config, c, tokens: int, b: int, rows: int) -> int:
+    """What one layer's contributions keep: its hooks through the forward (and the final norm's
+    input for the logits), the matrix as for ``attn-matrix``, and after the forward, one head at a
+    time, the norms' ``[L, P]`` value products, a block's ``[rows, P]`` gate products and
+    ``[rows, L]`` result (``P = Dv (Dv + 1) / 2``), the targets' unembedding rows and a piece of
+    vectors (:data:`~.contrib_capture.VECTOR_PIECE_BYTES`)."""
+    d_model = config.hidden_size
+    if c.layer_type == GDN:
+        k, v, nv = _gdn_widths(config)
+        dv = config.linear_value_head_dim
+        kept = tokens * b * (2 * k + 4 * v + 2 * nv + d_model)
+        matrix = len(c.heads) * tokens * (_F32 * config.linear_key_head_dim + 3 * 8 * rows)
+    else:
+        dv = config.head_dim
+        kept = tokens * b * (2 * config.num_attention_heads * dv + d_model)
+        matrix = (config.num_attention_heads + len(c.heads)) * tokens * tokens * _F32
+    quadratic = _F32 * ((tokens + rows) * dv * (dv + 1) // 2 + rows * tokens)
+    logits = tokens * d_model * (b + _F32) if c.logits is not None else 0
+    return kept + matrix + quadratic + logits + (VECTOR_PIECE_BYTES if c.vectors else 0)
 
 
 def report_lengths(longest: int, max_positions: int | None) -> list[int]:

@@ -11,7 +11,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
-from ..catalogue import MATRIX_METHODS, MATRIX_MODES
+from ..catalogue import LOGITS_NEXT, MATRIX_METHODS, MATRIX_MODES, logit_target
 from ..dtypes import MODEL_DTYPES, PRECISIONS, STATE_DTYPES, STORAGE_DTYPES, check
 from ..errors import GdnDumpError
 from ..model.kernels import KERNEL_CHOICES
@@ -24,6 +24,7 @@ from .tokens import ON_LONG
 
 
 SORT_WINDOW_BYTES = 1 << 30  # --sort-window's default
+CONTRIBUTIONS = "contributions"  # the command that stores contributions, not matrices
 
 
 @dataclass
@@ -75,7 +76,9 @@ class ExtractOptions:
     attn_precision: str = "float32"
     max_attn_bytes: int = 16 << 30
     command_line: list[str] = field(default_factory=list)
-    command: str = "extract"  # or "attn-matrix": names the layer option in errors
+    command: str = "extract"  # or "attn-matrix", "contributions": names the layer option in errors
+    contrib_logits: str = LOGITS_NEXT  # contributions --logits: next, none or a token id
+    contrib_vectors: bool = False  # contributions --vectors: store every c_{h,i,j} too
     shard: str | None = None  # "I/N"; torchrun's RANK / WORLD_SIZE are read without it
     resume: bool = False  # continue from the store's progress ledger (or start if there is none)
     wait_timeout: float = 600.0  # seconds a process waits for process 0 to create the store
@@ -109,6 +112,7 @@ def _validate(opts: ExtractOptions) -> None:
         check(option, value, choices)
     if opts.state_every is not None:
         state_stride(opts.state_every)
+    logit_target(opts.contrib_logits)
     if opts.state_dtype is not None:
         check("--state-dtype", opts.state_dtype, STATE_DTYPES)
     if opts.model_dtype not in (None, "auto"):

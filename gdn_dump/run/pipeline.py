@@ -24,6 +24,7 @@ from ..store.provenance import provenance_base
 from ..store.tally import Tally
 from ..store.writer import RowWriter
 from .attn_capture import AttentionCapture, block_rows
+from .contrib_capture import ContributionCapture
 from .capture import Capture, softmax_path
 from .state_capture import StateCapture
 from .options import ExtractOptions, resolve
@@ -109,7 +110,7 @@ def plan_memory(opts: ExtractOptions, config, plan: Plan, split: WorkSplit,
         lengths = report_lengths(longest, getattr(config, "max_position_embeddings", None))
     return [estimate_memory(config, plan, n, model_dtype=dtype, device=device.type,
                             fla=uses_fla(device, opts.kernels),
-                            softmax=softmax_path(plan.hooks, plan.matrices),
+                            softmax=softmax_path(plan.hooks, plan.layer_products),
                             stream_from=stream_tokens(opts, plan.bytes_per_token))
             for n in lengths]
 
@@ -243,6 +244,10 @@ def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
     attention = (AttentionCapture(plan.matrices, mode=opts.attn_mode, method=opts.attn_method,
                                   precision=opts.attn_precision, rows=rows)
                  if plan.matrices else None)
+    if plan.contributions:
+        l_max = int(plan.prompt_lengths.max()) if plan.n_prompts else 0
+        attention = ContributionCapture(plan.contributions, model.bridge, precision=opts.attn_precision,
+                                        rows=rows, l_max=l_max)
     on_device = opts.stats and stats_on_device(model.device)
     states = plan.states
     state_specs = [a.hook for a in states.arrays] if states is not None else []
@@ -250,7 +255,7 @@ def _capture(opts: ExtractOptions, model: LoadedModel, plan: Plan) -> Capture:
                    stats=for_arrays(plan.arrays) if on_device else None,
                    states=StateCapture(state_specs, states.stride, opts.stats) if state_specs else None,
                    state_dtype=states.dtype if states is not None else STATE_DTYPE,
-                   softmax=softmax_path(plan.hooks, plan.matrices), matrix_rows=rows)
+                   softmax=softmax_path(plan.hooks, plan.layer_products), matrix_rows=rows)
 
 
 def _pad_id(tokenizer) -> int:
@@ -285,7 +290,7 @@ def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source:
         "layers": sorted({h.layer for h in plan.hooks if h.layer is not None}),
         "storage_dtype": plan.storage_dtype,
         # sdpa: no L x L scores (no pattern stored); bridge: TransformerLens's explicit softmax
-        "softmax_attention": softmax_path(plan.hooks, plan.matrices),
+        "softmax_attention": softmax_path(plan.hooks, plan.layer_products),
         "compressor": opts.compressor,
         "writer": opts.writer,
         "prompts": {"path": str(source.display), "sha256": source.sha256, "count": plan.n_prompts,
@@ -311,9 +316,20 @@ def run_provenance(opts: ExtractOptions, model: LoadedModel, plan: Plan, source:
                       "mode": opts.attn_mode,
                       "method": opts.attn_method, "precision": opts.attn_precision}
         if plan.matrices else None,
+        "contributions": contribution_provenance(opts, plan),
         "max_batch_tokens": opts.max_batch_tokens,
         "sort_window_bytes": opts.sort_window_bytes,
         "states": state_provenance(plan),
         "processes": {"count": split.count, "launcher": split.launcher,
                       "regions": [list(r) for r in plan.regions]},
     }
+
+
+def contribution_provenance(opts: ExtractOptions, plan: Plan) -> dict | None:
+    """What ``gdn-dump contributions`` stored (DESIGN.md section 4); None for other runs."""
+    if not plan.contributions:
+        return None
+    first = plan.contributions[0]
+    return {"layers": [c.layer for c in plan.contributions],
+            "heads": {str(c.layer): list(c.heads) for c in plan.contributions},
+            "logits": first.logits, "vectors": first.vectors, "precision": opts.attn_precision}

@@ -18,7 +18,7 @@ from ..errors import GdnDumpError, SelectionError
 from ..store.layout import Plan, bytes_per_token, format_bytes, make_plan, prompt_chunk
 from ..store.states import DEFAULT_STATE_EVERY, state_stride
 from ..store.location import Location
-from .options import SORT_WINDOW_BYTES, ExtractOptions
+from .options import CONTRIBUTIONS, SORT_WINDOW_BYTES, ExtractOptions
 from .inputs import InputPlan, plan_inputs
 from .schedule import units
 from .sources import Corpus
@@ -32,10 +32,8 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, encode: Encoder, source
     """Resolve the selection, decide every prompt's stored length (:mod:`.inputs`: each
     prompt or document encoded once), lay out the store with ``processes`` regions (each starting
     on a chunk boundary), and check the matrix budget."""
-    option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
-    matrices = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
-                if opts.attn_layers else [])
-    hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices))
+    matrices, contributions = select_matrices(opts, catalogue)
+    hooks = catalogue.select(opts.hooks, opts.layers, allow_empty=bool(matrices or contributions))
     state_every, state_dtype = state_options(opts, any(h.kind == STATE for h in hooks))
     if opts.context_size is not None and max_positions is not None and opts.context_size > max_positions:
         raise GdnDumpError(f"--context-size {opts.context_size} is over the model's "
@@ -45,7 +43,7 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, encode: Encoder, source
     def regions_for(lengths: np.ndarray) -> list[tuple[int, int]] | None:
         if processes == 1:
             return None
-        cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths))
+        cut_every = prompt_chunk(matrices, opts.attn_mode, len(lengths), contributions)
         starts = [min(p for batch in unit for p, _ in batch)
                   for unit in plan_units(opts, lengths, row_bytes, cut_every)]
         return split_regions(starts, lengths, processes, cut_every=cut_every)
@@ -56,9 +54,22 @@ def plan_run(opts: ExtractOptions, catalogue: Catalogue, encode: Encoder, source
                      shard_tokens=opts.shard_tokens, max_length=opts.max_length,
                      truncated=inputs.truncated, skipped=inputs.skipped, matrices=matrices,
                      attn_mode=opts.attn_mode, regions=regions, state_every=state_every,
-                     state_dtype=state_dtype, row_documents=inputs.packing is not None)
+                     state_dtype=state_dtype, row_documents=inputs.packing is not None,
+                     contributions=contributions)
     check_budget(plan, opts.max_attn_bytes)
     return plan, inputs
+
+
+def select_matrices(opts: ExtractOptions, catalogue: Catalogue):
+    """The attention matrices (``attn-matrix --layer``, ``extract --attn-layers``) or the
+    contributions (``contributions --layer``) a run stores."""
+    if opts.command == CONTRIBUTIONS:
+        return [], catalogue.select_contributions(opts.attn_layers, opts.attn_heads,
+                                                  opts.contrib_logits, opts.contrib_vectors)
+    option = "--layer" if opts.command == "attn-matrix" else "--attn-layers"
+    matrices = (catalogue.select_matrices(opts.attn_layers, opts.attn_heads, option)
+                if opts.attn_layers else [])
+    return matrices, []
 
 
 def state_options(opts: ExtractOptions, states: bool) -> tuple[int | str, str]:
@@ -120,7 +131,8 @@ def check_budget(plan: Plan, max_bytes: int) -> None:
     """Refuse, before any model runs, a plan whose attention matrices exceed ``max_bytes``."""
     if plan.matrix_bytes > max_bytes:
         raise GdnDumpError(
-            f"the attention matrices need {format_bytes(plan.matrix_bytes)} ({plan.n_prompts} "
+            f"the {'contributions' if plan.contributions else 'attention matrices'} need "
+            f"{format_bytes(plan.matrix_bytes)} ({plan.n_prompts} "
             f"prompts, longest {int(plan.prompt_lengths.max())} tokens), over --max-bytes "
             f"{format_bytes(max_bytes)}; select fewer layers, --heads, shorter --max-length, or "
             "raise --max-bytes"

@@ -89,6 +89,9 @@ def fingerprint(opts, plan: Plan, source, split: WorkSplit, model_dtype: str, in
         "model": opts.model, "revision": opts.revision, "model_dtype": model_dtype,
         "hooks": [h.name for h in plan.hooks],
         "attention": [[a.layer, list(a.heads)] for a in plan.matrices],
+        # only when there are some: a store written before contributions existed still resumes
+        **({"contributions": [[c.layer, list(c.heads), c.logits, c.vectors] for c in plan.contributions]}
+           if plan.contributions else {}),
         "attn_mode": opts.attn_mode, "attn_method": opts.attn_method,
         "attn_precision": opts.attn_precision,
         "storage_dtype": plan.storage_dtype, "compressor": opts.compressor,

@@ -85,6 +85,7 @@ class BatchSink(BackgroundWorker):
         self.state_counts = plan.states.counts if plan.states is not None else None
         self.residual_arrays = {a.name: a.residual_name for a in plan.matrices
                                 if a.has_residual(plan.attn_mode)}
+        self.residual_arrays.update({c.name: c.residual_name for c in plan.contributions})
         # per-head statistics and counts of the rows handed to the writer (from the region's first
         # prompt: ``stats`` and ``tally`` continue a resumed run's), and their copies at the
         # latest unit boundary
@@ -147,12 +148,12 @@ class BatchSink(BackgroundWorker):
             self._state_stats({piece.name: piece.state_stats})
 
     def _write_matrices(self, batch: CapturedBatch) -> None:
-        """Each prompt's matrices, a block of rows at a time (regions: written in any order), then
-        the residuals their exact GDN blocks were checked against."""
+        """Each prompt's matrices (and contributions), a block of rows at a time (regions: written
+        in any order), then the residuals their blocks were checked against."""
         for name, matrices in batch.matrices.items():
             for prompt, matrix in zip(batch.prompts, matrices):
-                for top, block in matrix.blocks():
-                    self.writer.write_matrix_rows(name, prompt, top, block)
+                for array, top, heads, block in matrix.pieces(name):
+                    self.writer.write_matrix_rows(array, prompt, top, block, heads)
             if name in self.residual_arrays:
                 batch.residuals[name] = [matrix.residual for matrix in matrices]
 

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..catalogue import is_residual, layer_of, matrix_name
+from ..catalogue import (CONTRIBUTION_NORM, CONTRIBUTION_RESIDUAL, contribution_name, is_residual,
+                         layer_of, matrix_name)
+from ..dtypes import EPSILON
 from ..errors import RunFailure
 from ..ops.stats import merged, split_stat_key
 from .create import ATTR, COMPLETE, FAILED, set_status
@@ -20,14 +22,26 @@ from .ledger import ready_info, region_status
 from .provenance import now_iso
 from .tally import Tally, summed
 
-# An exact GDN matrix must reproduce the layer's output: ||M V - o|| / ||o|| at most this.
+# An exact GDN matrix must reproduce the layer's output: ||M V - o|| / ||o|| at most this (and
+# the contributions must sum to it), for a float32 or float64 model; see limit_for.
 RESIDUAL_LIMIT = 1e-3
 
 
-def finalize(group: zarr.Group, residual_limit: float = RESIDUAL_LIMIT) -> str:
+def limit_for(model_dtype: str | None) -> float:
+    """The check's limit for a model run in ``model_dtype``: :data:`RESIDUAL_LIMIT`, or twice the
+    dtype's epsilon when that is larger (bfloat16: 0.0156; float16: 0.002). The hooks the
+    decompositions are checked against (``v``, ``recurrence_out``, ``hook_out``) are rounded to
+    the model dtype: bfloat16 alone puts them ~2e-3 (matrices) to ~8e-3 (contributions, per
+    token) from the exact sums."""
+    return max(RESIDUAL_LIMIT, 2 * EPSILON.get(model_dtype or "float32", 0.0))
+
+
+def finalize(group: zarr.Group, residual_limit: float | None = None) -> str:
     """Mark the store ``complete`` (or ``failed``) once every region is done; idempotent.
 
-    Returns the status, or raises :class:`RunFailure` listing unfinished regions.
+    ``residual_limit``: by default that of the model dtype the store was written with
+    (:func:`limit_for`). Returns the status, or raises :class:`RunFailure` listing
+    unfinished regions.
     """
     records, pending = region_status(group)
     if pending:
@@ -43,14 +57,22 @@ def finalize(group: zarr.Group, residual_limit: float = RESIDUAL_LIMIT) -> str:
         peak_rss_bytes=max((r.get("peak_rss", 0) for r in done), default=0),
         padding=round(total.padding, 4), stats=_write_stats(group, done),
     )
+    if residual_limit is None:
+        residual_limit = _limit_of(group)
     failures = _check_residuals(group, residual_limit)
     if failures:
-        message = (f"the effective attention does not reproduce the layer output (limit "
-                   f"{residual_limit:g}): {'; '.join(failures)}")
+        message = "; ".join(
+            f"{_FAILED[what]} (limit {residual_limit:g}): "
+            f"{'; '.join(failure for w, failure in failures if w == what)}"
+            for what in dict.fromkeys(what for what, _ in failures))
         set_status(group, FAILED, failure=message, **common)
         return FAILED
     set_status(group, COMPLETE, **common)
     return COMPLETE
+
+
+def _limit_of(group: zarr.Group) -> float:
+    return limit_for((group.attrs[ATTR].get("model") or {}).get("dtype"))
 
 
 def finalize_store(group: zarr.Group) -> str:
@@ -61,21 +83,39 @@ def finalize_store(group: zarr.Group) -> str:
     return status
 
 
-def _check_residuals(group: zarr.Group, residual_limit: float) -> list[str]:
-    """Each matrix's residuals read back from the store (written by every process) into its
-    attributes; the matrices over the limit."""
+_FAILED = {"effective attention": "the effective attention does not reproduce the layer output",
+           "contributions": "the contributions do not sum to the layer output"}
+
+
+def _residual_target(name: str) -> tuple[str, str, str] | None:
+    """For a residual array: (what it checks, the array whose attributes get its summary, the
+    quantity); None for other arrays."""
+    layer = layer_of(name)
+    if is_residual(name):
+        return "effective attention", matrix_name(layer), "||M V - o|| / ||o||"
+    if layer is not None and name == contribution_name(layer, CONTRIBUTION_RESIDUAL):
+        return ("contributions", contribution_name(layer, CONTRIBUTION_NORM),
+                "max_i ||sum c - out_i|| / ||out_i||")
+    return None
+
+
+def _check_residuals(group: zarr.Group, residual_limit: float) -> list[tuple[str, str]]:
+    """Each residual array read back from the store (written by every process) into the
+    attributes of what it checks; ``(what, message)`` for those over the limit."""
     failures = []
     for name, arr in group.arrays():
-        if not is_residual(name):
+        target = _residual_target(name)
+        if target is None:
             continue
+        what, checked, quantity = target
         values = np.asarray(arr[:], dtype=np.float64)
         worst = float(values.max()) if values.size else 0.0
-        matrix = group[matrix_name(layer_of(name))]
+        matrix = group[checked]
         matrix.attrs.update({"residual_max": worst,
                              "residual_mean": float(values.mean()) if values.size else 0.0,
                              "residual_limit": residual_limit})
         if worst > residual_limit:
-            failures.append(f"{matrix.basename}: ||M V - o|| / ||o|| = {worst:.2e}")
+            failures.append((what, f"{matrix.basename}: {quantity} = {worst:.2e}"))
     return failures
 
 

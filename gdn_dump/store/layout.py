@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..catalogue import ATTENTION_MATRIX, PER_TOKEN, ROW_DOCUMENT, STATE, HookSpec, MatrixSpec
+from ..catalogue import (ATTENTION_MATRIX, CONTRIBUTION_LOGIT, CONTRIBUTION_NORM, CONTRIBUTION_VECTORS,
+                         PER_TOKEN, ROW_DOCUMENT, STATE, ContributionSpec, HookSpec, MatrixSpec,
+                         contribution_name)
 from ..dtypes import (INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, STATE_DTYPE, STATE_DTYPES,
                       STORAGE_DTYPES, TOKEN_DTYPE, check, hook_dtype, itemsize)
 from ..errors import GdnDumpError
@@ -28,6 +30,8 @@ MAX_CHUNK_TOKENS = 1 << 20
 PROMPT_CHUNK = 1024  # per-prompt arrays (attention residuals)
 ATTENTION_TILE = 256
 INDEX_CHUNK = 1 << 16  # prompt_start, prompt_length, prompt_id
+# the [1, 1, t, t, d_model] chunks of contribution vectors: about this many bytes
+VECTOR_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Plan:
     regions: list[tuple[int, int]] = field(default_factory=list)  # prompts [lo, hi) per process
     skipped: int = 0  # prompts over max_length stored without tokens (--on-long skip)
     states: StateLayout | None = None  # the snapshot rows, when a state hook is selected
+    contributions: list[ContributionSpec] = field(default_factory=list)
 
     def region_rows(self, region: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` owned by ``region`` (its first row is chunk aligned)."""
@@ -106,14 +111,26 @@ class Plan:
     @property
     def prompt_chunk(self) -> int | None:
         """Chunk of the per-prompt arrays written during the run (processes split only there)."""
-        return prompt_chunk(self.matrices, self.attn_mode, self.n_prompts)
+        return prompt_chunk(self.matrices, self.attn_mode, self.n_prompts, self.contributions)
+
+    @property
+    def layer_products(self) -> list:
+        """Every per-layer matrix product (:class:`MatrixSpec` s, :class:`ContributionSpec` s)."""
+        return [*self.matrices, *self.contributions]
+
+    @property
+    def forward_layers(self) -> list[int]:
+        """Layers the forward must reach for the products (besides the hooks' own)."""
+        return [a.layer for a in self.matrices] + [x for c in self.contributions for x in c.forward_layers]
 
     @property
     def matrix_bytes(self) -> int:
-        """Bytes the attention matrices cost (tiles past each prompt's length are never written)."""
+        """Bytes the attention and contribution matrices cost (tiles past each prompt's length
+        are never written)."""
         squares = int(np.square(self.prompt_lengths).sum())
         heads = sum(len(a.heads) for a in self.matrices)
         heads += sum(h.shape[0] for h in self.hooks if h.kind == ATTENTION_MATRIX)
+        heads += sum(len(c.heads) * contribution_floats(c) for c in self.contributions)
         return heads * squares * itemsize(MATRIX_DTYPE)
 
     @property
@@ -141,10 +158,12 @@ def bytes_per_token(hooks: list[HookSpec], storage_dtype: str, state_stride: int
     return itemsize(TOKEN_DTYPE) + per_token + (states // state_stride if state_stride else 0)
 
 
-def prompt_chunk(matrices: list[MatrixSpec], attn_mode: str, n_prompts: int) -> int | None:
+def prompt_chunk(matrices: list[MatrixSpec], attn_mode: str, n_prompts: int,
+                 contributions: list[ContributionSpec] | tuple = ()) -> int | None:
     """Chunk of the per-prompt arrays written during a run (the residuals of exact GDN
-    matrices), or None when there are none: processes may split only at its multiples."""
-    if any(a.has_residual(attn_mode) for a in matrices):
+    matrices and of contributions), or None when there are none: processes may split only at
+    its multiples."""
+    if contributions or any(a.has_residual(attn_mode) for a in matrices):
         return max(1, min(n_prompts, PROMPT_CHUNK))
     return None
 
@@ -166,6 +185,7 @@ def make_plan(
     state_every: int | str = DEFAULT_STATE_EVERY,
     state_dtype: str = STATE_DTYPE,
     row_documents: bool = False,
+    contributions: list[ContributionSpec] | tuple = (),
 ) -> Plan:
     check("--dtype", storage_dtype, STORAGE_DTYPES)
     for option, value in (("--chunk-tokens", chunk_tokens), ("--shard-tokens", shard_tokens)):
@@ -187,6 +207,7 @@ def make_plan(
                                 **rows.layout(itemsize(INDEX_DTYPE), ())))
     arrays += _hook_arrays(hooks, n_rows, len(lengths), lengths, storage_dtype, rows)
     arrays += _matrix_arrays(list(matrices), attn_mode, lengths)
+    arrays += _contribution_arrays(list(contributions), lengths)
     state_hooks = [h for h in hooks if h.kind == STATE]
     states = None
     if state_hooks:
@@ -194,7 +215,7 @@ def make_plan(
                                target_chunk_bytes)
         arrays += states.arrays
     return Plan(hooks, arrays, lengths, starts, n_rows, storage_dtype, max_length, truncated,
-                list(matrices), attn_mode, regions, skipped, states)
+                list(matrices), attn_mode, regions, skipped, states, list(contributions))
 
 
 class _RowLayout:
@@ -262,6 +283,46 @@ def _matrix_arrays(matrices: list[MatrixSpec], attn_mode: str, lengths: np.ndarr
                                     attrs={"meaning": "||M V - recurrence_out|| / ||recurrence_out||"},
                                     stream="prompt"))
     return arrays
+
+
+def contribution_floats(spec: ContributionSpec) -> int:
+    """float32 values stored per (head, query, key) of a contribution layer."""
+    return 1 + (spec.logits is not None) + (spec.d_model if spec.vectors else 0)
+
+
+def _contribution_arrays(contributions: list[ContributionSpec], lengths: np.ndarray) -> list[ArraySpec]:
+    n_prompts = len(lengths)
+    l_max = int(lengths.max()) if n_prompts else 0
+    arrays = []
+    for c in contributions:
+        attrs = {"layer": c.layer, "layer_type": c.layer_type, "heads": list(c.heads)}
+        head_dim = c.matrix.head_dim
+        arrays.append(_matrix_spec(contribution_name(c.layer, CONTRIBUTION_NORM), n_prompts,
+                                   len(c.heads), head_dim, l_max, {**attrs, "kind": CONTRIBUTION_NORM}))
+        if c.logits is not None:
+            arrays.append(_matrix_spec(contribution_name(c.layer, CONTRIBUTION_LOGIT), n_prompts,
+                                       len(c.heads), head_dim, l_max,
+                                       {**attrs, "kind": CONTRIBUTION_LOGIT, "target": c.logits}))
+        if c.vectors:
+            tile = vector_tile(c.d_model, l_max)
+            arrays.append(ArraySpec(contribution_name(c.layer, CONTRIBUTION_VECTORS),
+                                    (n_prompts, len(c.heads), l_max, l_max, c.d_model), MATRIX_DTYPE,
+                                    (1, 1, tile, tile, c.d_model),
+                                    ("prompt", head_dim, "query", "key", "d_model"),
+                                    attrs={**attrs, "kind": CONTRIBUTION_VECTORS}, stream=None))
+        arrays.append(ArraySpec(c.residual_name, (n_prompts,), RESIDUAL_DTYPE,
+                                (prompt_chunk([], "exact", n_prompts, contributions),), ("prompt",),
+                                attrs={"meaning": "max_i ||sum_{h,j} c_{h,i,j} - out_i|| / ||out_i||"},
+                                stream="prompt"))
+    return arrays
+
+
+def vector_tile(d_model: int, l_max: int) -> int:
+    """Query and key rows of a ``[1, 1, t, t, d_model]`` chunk of contribution vectors: a power of
+    two (it divides the matrices' tile, so blocks of rows align to both), about
+    :data:`VECTOR_CHUNK_BYTES`."""
+    fit = _pow2_floor(max(1, int(math.isqrt(VECTOR_CHUNK_BYTES // (itemsize(MATRIX_DTYPE) * d_model)))))
+    return max(1, min(fit, ATTENTION_TILE, _pow2_ceil(max(l_max, 1))))
 
 
 def _region_layout(lengths: np.ndarray, regions: list[tuple[int, int]], align: int

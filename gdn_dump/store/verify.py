@@ -17,7 +17,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ..catalogue import GDN_HOOKS, ROW_DOCUMENT, Catalogue, is_state, matrix_name, residual_name
+from ..catalogue import (CONTRIBUTION_LOGIT, CONTRIBUTION_NORM, CONTRIBUTION_RESIDUAL, CONTRIBUTION_VECTORS,
+                         GDN_HOOKS, ROW_DOCUMENT, Catalogue, contribution_name, is_state, matrix_name,
+                         residual_name)
 from ..dtypes import INDEX_DTYPE, MATRIX_DTYPE, RESIDUAL_DTYPE, hook_dtype
 from .states import STATE_INDEX_ARRAYS, STATE_POSITION, state_counts, state_positions, state_stride
 from .ledger import ready_info, region_status
@@ -133,6 +135,19 @@ def _expect(ctx) -> dict:
                else attrs.get("layer_type") == "gdn")
         if gdn and attention.get("mode") == "exact":
             out[residual_name(layer)] = ("prompt", (n_prompts,), RESIDUAL_DTYPE, ("prompt",))
+    contributions = meta.get("contributions") or {}
+    for layer in contributions.get("layers") or []:
+        heads = len((contributions.get("heads") or {}).get(str(layer)) or []) or None
+        out[contribution_name(layer, CONTRIBUTION_NORM)] = matrix(heads)
+        if contributions.get("logits") is not None:
+            out[contribution_name(layer, CONTRIBUTION_LOGIT)] = matrix(heads)
+        if contributions.get("vectors"):
+            d_model = config.get("hidden_size")
+            out[contribution_name(layer, CONTRIBUTION_VECTORS)] = (
+                "matrix", (n_prompts, heads, l_max, l_max, d_model), MATRIX_DTYPE,
+                ("prompt", None, "query", "key", "d_model"))
+        out[contribution_name(layer, CONTRIBUTION_RESIDUAL)] = ("prompt", (n_prompts,), RESIDUAL_DTYPE,
+                                                                ("prompt",))
     return out
 
 
@@ -259,7 +274,7 @@ def _rows_written(ctx):
     problems, counted = [], 0
     for name, arr in sorted(ctx.arrays.items()):
         dims = arr.metadata.dimension_names or (None,)
-        if dims[0] == "prompt" and arr.ndim == 4:
+        if dims[0] == "prompt" and arr.ndim >= 4:  # matrices, and contribution vectors
             n_missing, total, (p, h, t, _) = _diagonal_missing(ctx, arr)
             counted += total
             if n_missing:
@@ -293,8 +308,9 @@ def _rows_written(ctx):
 
 def _diagonal_missing(ctx, arr: zarr.Array) -> tuple[int, int, tuple]:
     """Diagonal tiles ``(p, h, t, t)`` not stored: how many, of how many, the first one."""
-    up, _, uq, uk = tuple(arr.shards or arr.chunks)
+    up, _, uq, uk = tuple(arr.shards or arr.chunks)[:4]
     coords, _, grid = _keys(ctx.group, arr, keep=lambda c: c[3] == c[2] * uq // uk)
+    coords, grid = coords[:, :4], grid[:4]  # vectors: their d_model axis is one chunk
     tiles = -(-np.minimum(ctx.lengths[:arr.shape[0]], arr.shape[2]) // uq)  # query tiles of each prompt
     prompt = np.repeat(np.arange(len(tiles)), tiles)
     t = np.arange(len(prompt)) - np.repeat(np.cumsum(tiles) - tiles, tiles)

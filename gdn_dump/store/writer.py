@@ -107,12 +107,15 @@ class RowWriter(BackgroundWorker):
         """Queue a write of ``block`` at ``selection`` (for arrays not laid out by rows)."""
         self.put((name, selection, block, None))
 
-    def write_matrix_rows(self, name: str, prompt: int, top: int, block: np.ndarray) -> None:
+    def write_matrix_rows(self, name: str, prompt: int, top: int, block: np.ndarray,
+                          heads: slice = slice(None)) -> None:
         """Queue rows ``top : top + r`` of prompt ``prompt``'s matrix in ``name``: ``block``
-        ``[heads, r, top + r]``, the causal prefix of those rows. Tiles above the diagonal or past
-        the prompt's length are never written (they read back as the fill value 0)."""
+        ``[heads, r, top + r, ...]``, the causal prefix of those rows (of the ``heads`` of the
+        array: all by default). Tiles above the diagonal or past the prompt's length are never
+        written (they read back as the fill value 0)."""
         bottom = top + block.shape[1]
-        self.write_region(name, (prompt, slice(None), slice(top, bottom), slice(0, bottom)),
+        trailing = (slice(None),) * (block.ndim - 3)
+        self.write_region(name, (prompt, heads, slice(top, bottom), slice(0, bottom), *trailing),
                           np.ascontiguousarray(block))
 
     def _flush_tails(self) -> None:

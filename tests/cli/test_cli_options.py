@@ -409,6 +409,7 @@ def test_without_torch_models_fail_in_one_line_and_stores_still_read(tmp_path, t
             model=tiny)
     commands = [["extract", "-m", "tiny", "-p", str(ragged_txt), "-o", str(tmp_path / "n.zarr")],
                 ["attn-matrix", "-m", "tiny", "-p", str(ragged_txt), "-o", str(tmp_path / "n.zarr")],
+                ["contributions", "-m", "tiny", "-p", str(ragged_txt), "-o", str(tmp_path / "n.zarr")],
                 ["hooks", "-m", "tiny"],
                 ["inspect", str(store)], ["verify", str(store)], ["finalize", str(store)],
                 ["plot", str(store), "--kind", "decay", "-o", str(tmp_path / "d.png")]]
@@ -417,13 +418,15 @@ def test_without_torch_models_fail_in_one_line_and_stores_still_read(tmp_path, t
     assert done.returncode == 0, done.stderr
     *results, imported = json.loads(done.stdout.splitlines()[-1])
     assert imported == []
-    for name, (code, out, err) in zip(("extract", "attn-matrix", "hooks"), results[:3]):
+    models = ("extract", "attn-matrix", "contributions", "hooks")
+    for name, (code, out, err) in zip(models, results[:len(models)]):
         assert (code, out) == (2, ""), (name, code, out, err)
         assert err == (f"gdn-dump: error: gdn-dump {name} needs torch and TransformerLens: "
                        "pip install 'gdn-dump[extract]'\n")
-    for argv, (code, out, err) in zip(commands[3:], results[3:]):
+    for argv, (code, out, err) in zip(commands[len(models):], results[len(models):]):
         assert code == 0, (argv, out, err)
-    assert "status: complete" in results[3][1] and "complete" in results[5][1]
+    inspected, finalized = results[len(models)][1], results[len(models) + 2][1]
+    assert "status: complete" in inspected and "complete" in finalized
     assert (tmp_path / "d.png").stat().st_size > 0 and not (tmp_path / "n.zarr").exists()
 
 

@@ -156,3 +156,38 @@ def test_hooks_command_lists_the_checkpoints_gdn_hooks_and_shapes(family):
         assert listed[prefix + "hook_v"][2] == "v_head,d_v"
     assert listed["blocks.3.attn.hook_k"][1] == "[1, 16]"  # one kv-head
     assert not any(".linear_attn." in hook for hook in listed if hook.startswith("blocks.3."))
+
+
+def test_contributions_sum_to_the_output_and_give_the_model_logit(family, ragged_txt, tmp_path):
+    """The weights the contributions need are found in every family (Qwen3-Next's and the MoE
+    checkpoints' names): the vectors sum to each layer's hook_out, and all layers' logits with the
+    embedding's and the MoE MLPs' give the model's next-token logit."""
+    from gdn_dump.model import weights
+    from gdn_dump.ops.contributions import final_norm_unembed
+
+    _, path, loaded, _, _ = family
+    out = tmp_path / "c.zarr"
+    extract(ExtractOptions(model=str(path), prompts=str(ragged_txt), out=str(out), hooks="",
+                           command="contributions", attn_layers="all", max_length=40, stats=False),
+            model=loaded)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.attrs["gdn_dump"]["status"] == "complete"
+    for layer in range(4):
+        assert group[f"blocks.{layer}.contribution_residual"][:].max() < 1e-5
+    text = next(p.text for p in open_prompts(ragged_txt) if len(p.text) > 20)
+    p = [q.text for q in open_prompts(ragged_txt)].index(text)
+    ids, cache = reference_cache(loaded, text)
+    ids, n = ids[:40], min(len(ids), 40)
+    with torch.inference_mode():
+        _, cache = loaded.bridge.run_with_cache(ids[None], use_cache=False)
+        model_logits = loaded.bridge(ids[None], use_cache=False)[0].double()
+    u = weights.unembed(loaded.bridge)
+    rows = final_norm_unembed(cache["blocks.3.hook_resid_post"][0], u.norm_weight, u.w_u,
+                              torch.cat([ids[1:], torch.tensor([-1])]), u.eps).double()
+    total = (rows * cache["hook_embed"][0].double()).sum(-1)
+    for layer in range(4):
+        total += (rows * cache[f"blocks.{layer}.hook_mlp_out"][0].double()).sum(-1)
+        total += torch.as_tensor(group[f"blocks.{layer}.contribution_logit"][p][:, :n, :n]
+                                 .astype(np.float64)).sum(dim=(0, 2))
+    np.testing.assert_allclose(total[:n - 1].numpy(), model_logits[torch.arange(n - 1), ids[1:]].numpy(),
+                               rtol=1e-4, atol=1e-4)

@@ -31,6 +31,9 @@ STORES = {
 }
 STATE_EVERY = 4
 STATE_LAYERS = (0, 1, 2)
+CONTRIBUTIONS = "contributions"  # gdn-dump contributions of a GDN and the softmax layer, with vectors
+CONTRIBUTION_LAYERS = (0, 3)
+CONTRIBUTION_LENGTH = 24  # --max-length: the vectors stay small
 PARTIAL = "partial"  # three regions: one complete, one stopped by a full disk, one never run
 PARTIAL_HOOKS = "v,beta,log_decay"
 WORDS = ["alpha", "b", "gamma delta", "é", "zz", "the quick"]
@@ -84,9 +87,18 @@ def write_stores(root: Path, tiny) -> dict:
         for name in wanted:
             if name in cache:
                 expected[key("hook", p, name)] = cache[name][0].to(torch.float32).numpy()
+        for layer in CONTRIBUTION_LAYERS:  # what the contributions must sum to
+            out = cache[f"blocks.{layer}.linear_attn.hook_out" if layer in STATE_LAYERS
+                        else f"blocks.{layer}.attn.hook_out"]
+            expected[key("layer_out", p, str(layer))] = out[0, :CONTRIBUTION_LENGTH].numpy()
         for layer in STATE_LAYERS:  # S_t at every t: TransformerLens's replay of the prompt alone
             states = tiny.bridge.blocks[layer].linear_attn.compute_ssm_state(cache, layer)
             expected[key("state", p, str(layer))] = states[0].numpy()
+
+    extract(ExtractOptions(model="tiny", prompts=str(prompts), out=str(root / f"{CONTRIBUTIONS}.zarr"),
+                           hooks="", command="contributions", contrib_vectors=True,
+                           attn_layers=",".join(map(str, CONTRIBUTION_LAYERS)),
+                           max_length=CONTRIBUTION_LENGTH), model=tiny)
 
     # An in_progress store of three regions: 0 complete, 1 stopped mid-way by a full disk (its
     # record says how far it got; rows after that may be half written), 2 never started.

@@ -28,8 +28,8 @@ from gdn_dump import open_store
 from gdn_dump.errors import GdnDumpError, StoreError
 from gdn_dump.read import figures
 
-from .compat import (MANIFEST, PARTIAL, STATE_EVERY, STATE_LAYERS, STORES, key, load_stores,
-                     write_stores)
+from .compat import (CONTRIBUTION_LAYERS, CONTRIBUTIONS, MANIFEST, PARTIAL, STATE_EVERY, STATE_LAYERS,
+                     STORES, key, load_stores, write_stores)
 
 ENV = "GDN_DUMP_COMPAT_STORES"
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +120,27 @@ def test_attention_matrix_reproduces_the_recurrence_output(compat):
         assert not np.triu(m, 1).any()  # causal: nothing above the diagonal
         mv = np.einsum("hij,jhd->ihd", m.astype(np.float64), v.astype(np.float64))
         assert np.linalg.norm(mv - o) <= 1e-4 * np.linalg.norm(o), p
+
+
+def test_contributions_sum_to_the_layer_output(compat):
+    """Read back without torch: the vectors sum over heads and sources to the reference's
+    hook_out, the norms are their norms, the next-token logits stop at the last row."""
+    from gdn_dump.catalogue import CONTRIBUTION_LOGIT, CONTRIBUTION_VECTORS
+
+    store = open_store(compat.path(CONTRIBUTIONS))
+    assert store.status == "complete"
+    for p in range(store.n_prompts):
+        record = store.prompt(p)
+        n = len(record)
+        for layer in CONTRIBUTION_LAYERS:
+            vectors = record.contribution(layer, CONTRIBUTION_VECTORS).astype(np.float64)
+            out = compat.expected[key("layer_out", p, str(layer))][:n]
+            assert vectors.shape[1:3] == (n, n) and not np.triu(np.abs(vectors).sum(-1), 1).any()
+            total = vectors.sum(axis=(0, 2))
+            assert np.linalg.norm(total - out) <= 1e-5 * np.linalg.norm(out), (p, layer)
+            np.testing.assert_allclose(record.contribution(layer), np.linalg.norm(vectors, axis=-1),
+                                       rtol=1e-5, atol=1e-7)
+            assert not record.contribution(layer, CONTRIBUTION_LOGIT)[:, n - 1].any()
 
 
 def test_states_equal_compute_ssm_state_at_every_position(compat):

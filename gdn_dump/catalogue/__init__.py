@@ -34,51 +34,20 @@ Model: ``hook_embed`` and ``ln_final.hook_normalized`` ([d_model]), ``unembed.ho
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 
-from .errors import SelectionError
-
-# config.layer_types values (kept here, not in models.py, so reading a store needs no torch)
-GDN_LAYER_TYPE = "linear_attention"
-ATTENTION_LAYER_TYPE = "full_attention"
-
-GDN = "gdn"
-ATTENTION = "attention"
-MODEL = "model"
-PER_TOKEN = "per_token"
-ATTENTION_MATRIX = "attention_matrix"
-# Per-row arrays that are not hooks: the token ids, and with --context-size each row's source
-# document (store contract, DESIGN.md 4)
-TOKENS_ARRAY = "tokens"
-ROW_DOCUMENT = "row_document"
-ROW_ARRAYS = (TOKENS_ARRAY, ROW_DOCUMENT)
-STATE = "state"  # rows along the ``state`` axis: snapshots of S_t (store contract, DESIGN.md 4)
-
-# short name -> (hook suffix, dims of the trailing shape, per-head scalar)
-GDN_HOOKS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "in": ("hook_in", ("d_model",), False),
-    "q_pre_conv": ("hook_q_pre_conv", ("k_head", "d_k"), False),
-    "k_pre_conv": ("hook_k_pre_conv", ("k_head", "d_k"), False),
-    "v_pre_conv": ("hook_v_pre_conv", ("v_head", "d_v"), False),
-    "q": ("hook_q", ("k_head", "d_k"), False),
-    "k": ("hook_k", ("k_head", "d_k"), False),
-    "v": ("hook_v", ("v_head", "d_v"), False),
-    "beta_logit": ("hook_beta_logit", ("v_head",), True),
-    "beta": ("hook_beta", ("v_head",), True),
-    "log_decay": ("hook_log_decay", ("v_head",), True),
-    "recurrence_out": ("hook_recurrence_out", ("v_head", "d_v"), False),
-    "gate_input": ("hook_gate_input", ("v_head", "d_v"), False),
-    "out": ("hook_out", ("d_model",), False),
-}
-# The recurrent state: TransformerLens's name, which its bridge fires only with eager_scan (a Python
-# loop holding [B, T, H, d_k, d_v]); gdn-dump computes snapshots from the forward's k, v, beta, g.
-STATE_HOOK = "ssm_state"
-STATE_SUFFIX = "hook_ssm_state"
-STATE_DIMS = ("v_head", "d_k", "d_v")
-STATE_INPUTS = ("k", "v", "beta", "log_decay")  # what the snapshots are computed (and replayed) from
-DEFAULT_HOOKS = ("q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v", "beta", "log_decay",
-                 "recurrence_out")
+from ..errors import SelectionError
+from .names import (  # noqa: F401 - re-exported: the catalogue is where names come from
+    GDN_LAYER_TYPE, ATTENTION_LAYER_TYPE, GDN, ATTENTION, MODEL, PER_TOKEN, ATTENTION_MATRIX,
+    TOKENS_ARRAY, ROW_DOCUMENT, ROW_ARRAYS, STATE, GDN_HOOKS, STATE_HOOK, STATE_SUFFIX,
+    STATE_DIMS, STATE_INPUTS, DEFAULT_HOOKS, MATRIX_SUFFIX, RESIDUAL_SUFFIX, linear_attn_name,
+    gdn_hook_name, state_name, is_state, state_layers, attention_hook_name, block_hook_name,
+    matrix_name, residual_name, layer_of, is_matrix, matrix_layers, is_residual, stored_layers,
+    CONTRIBUTION_NORM, CONTRIBUTION_LOGIT, CONTRIBUTION_VECTORS, CONTRIBUTION_RESIDUAL,
+    CONTRIBUTION_ARRAYS, LOGITS_NEXT, LOGITS_NONE, contribution_name, is_contribution)
+from .products import (  # noqa: F401 - re-exported: the catalogue is where names come from
+    MATRIX_MODES, MATRIX_METHODS, MATRIX_KINDS, SOFTMAX_KIND, MatrixSpec, ContributionSpec,
+    logit_target)
 
 _ATTENTION_HOOKS: dict[str, tuple[str, ...]] = {
     "hook_in": ("d_model",),
@@ -121,138 +90,6 @@ class HookSpec:
     kind: str = PER_TOKEN  # or "attention_matrix" ([heads, query, key] per prompt)
     scalar: bool = False  # per-head scalars stay float32 whatever the storage dtype
     short: str | None = None
-
-
-# ---- names: every hook and matrix name of a store is built here ---------------------------------
-
-_LAYER = re.compile(r"blocks\.(\d+)\.")
-MATRIX_SUFFIX = "attn_matrix"
-RESIDUAL_SUFFIX = "attn_residual"
-
-
-def linear_attn_name(layer: int, suffix: str) -> str:
-    """``blocks.<layer>.linear_attn.<suffix>``, a hook of a GDN layer."""
-    return f"blocks.{layer}.linear_attn.{suffix}"
-
-
-def gdn_hook_name(layer: int, short: str) -> str:
-    """``blocks.<layer>.linear_attn.hook_<short>`` (``short`` is a key of :data:`GDN_HOOKS`)."""
-    return linear_attn_name(layer, GDN_HOOKS[short][0])
-
-
-def state_name(layer: int) -> str:
-    """``blocks.<layer>.linear_attn.hook_ssm_state``: the state snapshots of a GDN layer."""
-    return linear_attn_name(layer, STATE_SUFFIX)
-
-
-def is_state(name: str) -> bool:
-    return layer_of(name) is not None and name == state_name(layer_of(name))
-
-
-def state_layers(names) -> list[int]:
-    """The layers that have state snapshots among array ``names``, sorted."""
-    return sorted(layer_of(name) for name in names if is_state(name))
-
-
-def attention_hook_name(layer: int, suffix: str) -> str:
-    """``blocks.<layer>.attn.<suffix>``, a hook of a softmax-attention layer."""
-    return f"blocks.{layer}.attn.{suffix}"
-
-
-def block_hook_name(layer: int, suffix: str) -> str:
-    """``blocks.<layer>.<suffix>``, a hook every layer has (``hook_resid_post``, ``mlp.hook_pre``)."""
-    return f"blocks.{layer}.{suffix}"
-
-
-def matrix_name(layer: int) -> str:
-    """The effective-attention array of a layer: ``blocks.<layer>.attn_matrix``."""
-    return block_hook_name(layer, MATRIX_SUFFIX)
-
-
-def residual_name(layer: int) -> str:
-    """The per-prompt ``||M V - o|| / ||o||`` of a GDN layer's exact matrix."""
-    return block_hook_name(layer, RESIDUAL_SUFFIX)
-
-
-def layer_of(name: str) -> int | None:
-    """The layer an array or hook name belongs to (``blocks.3.attn_matrix`` -> 3), else None."""
-    match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
-
-
-def is_matrix(name: str) -> bool:
-    return layer_of(name) is not None and name == matrix_name(layer_of(name))
-
-
-def matrix_layers(names) -> list[int]:
-    """The layers that have an ``attn_matrix`` among array ``names``, sorted."""
-    return sorted(layer_of(name) for name in names if is_matrix(name))
-
-
-def is_residual(name: str) -> bool:
-    return layer_of(name) is not None and name == residual_name(layer_of(name))
-
-
-def stored_layers(names, hook: str) -> dict[int, str]:
-    """``{layer: array name}`` among ``names`` for a hook given by short GDN name
-    (``recurrence_out``, ``hook_beta``), by a layer-relative name (``hook_resid_post``,
-    ``attn.hook_z``) or by full name (one layer)."""
-    names = list(names)
-    if hook.startswith("blocks."):
-        layer = layer_of(hook)
-        return {layer: hook} if layer is not None and hook in names else {}
-    short = hook.removeprefix("hook_")
-    found: dict[int, str] = {}
-    for name in names:
-        layer = layer_of(name)
-        if layer is None:
-            continue
-        candidates = [linear_attn_name(layer, f"hook_{short}"), block_hook_name(layer, f"hook_{short}"),
-                      block_hook_name(layer, hook)]
-        if name in candidates and (layer not in found or
-                                   candidates.index(name) < candidates.index(found[layer])):
-            found[layer] = name
-    return dict(sorted(found.items()))
-
-
-# How a matrix is made: the exact decomposition or TransformerLens's heuristic formula, and for the
-# exact GDN matrix which algorithm (both exact; the chunked one is the default: measured faster than
-# the closed form at every length on the CPU, benchmarks/bench_attn_cpu.txt).
-MATRIX_MODES = ("exact", "heuristic")
-MATRIX_METHODS = ("chunked", "closed_form")
-# The matrix kinds of the store contract (attribute ``kind`` of ``attn_matrix``), by layer type and mode.
-MATRIX_KINDS = {("gdn", "exact"): "gdn_exact", ("gdn", "heuristic"): "gdn_heuristic"}
-SOFTMAX_KIND = "softmax"
-
-
-@dataclass(frozen=True)
-class MatrixSpec:
-    """One layer whose attention matrix is stored (``attn-matrix``, ``extract --attn-layers``)."""
-
-    layer: int
-    layer_type: str  # "gdn" | "attention"
-    heads: tuple[int, ...]
-    n_heads: int  # all heads of the layer
-
-    @property
-    def name(self) -> str:
-        return matrix_name(self.layer)
-
-    @property
-    def residual_name(self) -> str:
-        return residual_name(self.layer)
-
-    @property
-    def head_dim(self) -> str:
-        full = "v_head" if self.layer_type == GDN else "attn_head"
-        return full if len(self.heads) == self.n_heads else f"selected_{full}"
-
-    def kind(self, mode: str) -> str:
-        return MATRIX_KINDS[("gdn", mode)] if self.layer_type == GDN else SOFTMAX_KIND
-
-    def has_residual(self, mode: str) -> bool:
-        """Exact GDN matrices are checked against the layer's output on every prompt."""
-        return self.layer_type == GDN and mode == "exact"
 
 
 # ---- index lists -----------------------------------------------------------------------------
@@ -421,6 +258,14 @@ class Catalogue:
             if len({len(a.heads) for a in out if a.layer_type == group}) > 1:
                 raise SelectionError("--heads must select the same number of heads in every layer")
         return out
+
+    def select_contributions(self, layers: str | None, heads: str | None, logits: str = LOGITS_NEXT,
+                             vectors: bool = False) -> list[ContributionSpec]:
+        """``contributions --layer/--heads/--logits/--vectors`` -> the layers to store."""
+        target = logit_target(logits, self.sizes["d_vocab"])
+        last = len(self.layer_types) - 1
+        return [ContributionSpec(a, self.sizes["d_model"], last, target, vectors)
+                for a in self.select_matrices(layers, heads, "--layer")]
 
     def _full_name(self, name: str) -> HookSpec:
         prefix, _, last = name.rpartition(".")
