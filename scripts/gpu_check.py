@@ -239,6 +239,56 @@ def states_agreement(model, tmp: Path, args):
         f"time ({times['default']:.2f} s vs {times['default+states']:.2f} s)")
 
 
+def contributions_check(model, tmp: Path, args):
+    """``attn-matrix`` and ``contributions`` on the device with the (bfloat16) model: status and the
+    residuals against the model dtype's limit (store.finalize.limit_for); then the contribution
+    path's throughput on the device beside a plain matmul of the dominant product's shape
+    (scripts/bench_attn.py's inputs, moved to the device)."""
+    import zarr
+
+    from gdn_dump.run.options import ExtractOptions
+    from gdn_dump.run.pipeline import extract
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_attn
+
+    rng = np.random.default_rng(2)
+    prompts = tmp / "contrib.txt"
+    prompts.write_text("\n".join("".join(rng.choice(list("abcdefgh "), size=n))
+                                 for n in (5, 300, 777, 1500)) + "\n")
+    types = model.config.layer_types
+    layers = f"{types.index(GDN_LAYER_TYPE)},{types.index(ATTENTION_LAYER_TYPE)}"
+    for command in ("attn-matrix", "contributions"):
+        out = tmp / f"{command}.zarr"
+        t0 = time.perf_counter()
+        try:
+            result = extract(ExtractOptions(model=model.name, prompts=str(prompts), out=str(out), hooks="",
+                                            command=command, attn_layers=layers, overwrite=True),
+                             model=model)
+            status = result.status
+        except Exception as exc:  # a failed check: report it, read the residuals anyway
+            status = f"failed ({str(exc)[:160]})"
+        seconds = time.perf_counter() - t0
+        group = zarr.open_group(str(out), mode="r")
+        checked = [(n, a.attrs) for n, a in group.arrays() if "residual_max" in a.attrs]
+        log(f"{command} on {model.device.type}, layers {layers}: {status}, {seconds:.2f} s; "
+            + "; ".join(f"{n} residual max {a['residual_max']:.2e} (limit {a['residual_limit']:g})"
+                        for n, a in checked))
+    device = model.device
+    for L in (1024, 2048):
+        M, v, gate, w_out, unembed = (x.to(device) for x in bench_attn.make_contribution_inputs(L))
+        contrib = timed(lambda: bench_attn.contributions_by_blocks(M, v, gate, w_out, unembed),
+                        args.repeats, device)
+        a = torch.randn(L, bench_attn.P_PAIRS, device=device)
+        b = torch.randn(bench_attn.P_PAIRS, L, device=device)
+        dense = timed(lambda: bench_attn.dense_matmul(a, b), args.repeats, device)
+        flops = bench_attn.counted_flops(bench_attn.contributions_by_blocks, (M, v, gate, w_out, unembed))
+        dense_flops = 2 * L * L * bench_attn.P_PAIRS * bench_attn.N_V_HEADS
+        log(f"L={L}: contributions (norms + logits, 16 heads) {contrib:.3f} s, {flops / contrib / 1e12:.1f} "
+            f"TFLOP/s; matmul [L, P] x [P, L] x 16 {dense:.3f} s, {dense_flops / dense / 1e12:.1f} TFLOP/s; "
+            f"ratio {(flops / contrib) / (dense_flops / dense):.2f}")
+
+
 def long_context(model, tmp: Path, args):
     """One prompt of each ``--long-lengths`` tokens, default hooks of ``--long-layers``: peak device
     memory, tokens/s, bytes written (the GPU machine's 64 GiB disk holds about 11 GB of default
@@ -413,8 +463,8 @@ def main():
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a small model (dry run on the CPU)")
-    parser.add_argument("--stages", default="kernel,bridge,extract,states,speed,long,oom",
-                        help="comma-separated subset of kernel,bridge,extract,states,speed,long,oom")
+    parser.add_argument("--stages", default="kernel,bridge,extract,states,contrib,speed,long,oom",
+                        help="comma-separated subset of kernel,bridge,extract,states,contrib,speed,long,oom")
     parser.add_argument("--long-lengths", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--long-layers", default="0-2", help="GDN layers of the long-context stage")
     args = parser.parse_args()
@@ -439,6 +489,8 @@ def main():
         stage("extract vs run_with_cache", extract_agreement, model, tmp)
     if "states" in stages:
         stage("state snapshots", states_agreement, model, tmp, args)
+    if "contrib" in stages:
+        stage("attention matrices and contributions", contributions_check, model, tmp, args)
     if "speed" in stages:
         stage("speed", speed, model, tmp, args)
     if "long" in stages:

@@ -8,7 +8,8 @@ import torch
 
 from gdn_dump.ops.attention import expand_kv_heads, gdn_effective_attention
 from gdn_dump.ops.contributions import (contribution_logits, contribution_norms, contribution_vectors,
-                                        final_norm_unembed, gated_rmsnorm_gate, softmax_gate)
+                                        final_norm_unembed, gated_rmsnorm_gate, packed_gram, pair_order,
+                                        pair_products, pair_rows, softmax_gate)
 from gdn_dump.ops.contributions_reference import (contribution_logits_naive, contribution_norms_naive,
                                                   contribution_vectors_naive)
 
@@ -34,6 +35,44 @@ def test_fast_forms_equal_the_reference():
     # blocks of query rows give the same norms
     torch.testing.assert_close(contribution_norms(M, v, gate, w_out, block_bytes=1),
                                contribution_norms_naive(M, v, gate, w_out))
+
+
+def test_pair_products_cover_every_pair_once():
+    """The cyclic order: every unordered pair (a <= b) once, for odd and even D, and the packed G
+    gives the quadratic form."""
+    for D in (1, 2, 3, 4, 5, 8, 128):
+        a, b = pair_order(D)
+        pairs = {(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist())}
+        assert len(a) == D * (D + 1) // 2 == len(pairs)
+        x = torch.randn(2, 3, D, dtype=torch.float64)
+        torch.testing.assert_close(pair_products(x)[..., :len(a)], x[..., a] * x[..., b])
+        xt = x.transpose(1, 2)  # [2, D, 3]: the pairs along dim -2
+        torch.testing.assert_close(pair_products(xt, dim=-2)[:, :len(a)], xt[:, a] * xt[:, b])
+        w = torch.randn(7, 2 * D, dtype=torch.float64)
+        G = w[:, :D].T @ w[:, :D]
+        form = pair_products(x)[..., :len(a)] @ packed_gram(w, 2)[0]
+        torch.testing.assert_close(form, torch.einsum("ina,ab,inb->in", x, G, x))
+
+
+def test_rectangular_blocks_equal_the_square():
+    """A block of R query rows against its top + R key columns (as the pipeline calls them) gives
+    the square's rows, for even and odd Dv, in one block or in blocks of rows, columns and heads."""
+    for Dv in (4, 5):
+        M, v, gate, w_out, unembed = random_layer(H=3, L=9, Dv=Dv, D=6, seed=Dv)
+        norms = contribution_norms_naive(M, v, gate, w_out)
+        logits = contribution_logits_naive(M, v, gate, w_out, unembed)
+        pair_bytes = pair_rows(Dv) * 8
+        for top, R in ((0, 3), (3, 3), (6, 3), (2, 7)):
+            C = top + R
+            block = (M[:, top:C, :C], v[:C], gate[top:C])
+            # 1 row, 1 column, 1 head at a time; up to 4 rows and 4 columns, 1 head; all rows and
+            # columns, 2 heads (then 1); everything at once
+            for block_bytes in (1, 4 * pair_bytes, 2 * C * pair_bytes, 1 << 30):
+                torch.testing.assert_close(contribution_norms(*block, w_out, block_bytes=block_bytes),
+                                           norms[:, top:C, :C])
+            torch.testing.assert_close(contribution_logits(*block, w_out, unembed[top:C]), logits[:, top:C, :C])
+        empty = contribution_norms(M[:, :0], v, gate[:0], w_out)  # no query rows
+        assert empty.shape == (3, 0, 9)
 
 
 def test_contributions_sum_to_the_layer_output():
