@@ -56,6 +56,12 @@ def head_weights(w_out: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w_out.reshape(d_model, n_heads, -1).permute(1, 0, 2)
 
 
+def head_columns(w_out: torch.Tensor, n_heads: int, heads: list[int]) -> torch.Tensor:
+    """``W_out`` ``[d_model, H * Dv]`` -> ``[d_model, len(heads) * Dv]``: the columns of ``heads``
+    only, in that order (what the functions here take as ``w_out`` for a subset of heads)."""
+    return head_weights(w_out, n_heads)[heads].permute(1, 0, 2).reshape(w_out.shape[0], -1)
+
+
 def contribution_vectors(M, v, gate, w_out) -> torch.Tensor:
     """``c`` ``[H, L, L, d_model]``: ``c[h, i, j] = M[h, i, j] W_h (g[i, h] * v[j, h])``."""
     W = head_weights(w_out, M.shape[0])  # [H, D, Dv]

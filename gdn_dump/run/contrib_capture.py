@@ -23,7 +23,8 @@ from ..dtypes import PRECISIONS, check
 from ..model import weights
 from ..ops.attention import expand_kv_heads, gdn_effective_attention_rows
 from ..ops.contributions import (contribution_logits, contribution_norms, contribution_vectors,
-                                 final_norm_unembed, gated_rmsnorm_gate, head_weights, softmax_gate)
+                                 final_norm_unembed, gated_rmsnorm_gate, head_columns, head_weights,
+                                 softmax_gate)
 from ..store.layout import ATTENTION_TILE, vector_tile
 from .attn_capture import norm_ratio
 
@@ -89,8 +90,8 @@ class ContributionCapture:
         return out
 
     def _blocks(self, c: ContributionSpec, kept, b: int, n: int, tokens: torch.Tensor):
-        """``(top, M, v, gate, w_out, unembed, out_hat_rest, out)`` per block of query rows (see
-        :class:`PromptContributions`), lazily: GDN matrices are computed as they are read."""
+        """A :class:`_Block` per block of query rows of prompt ``b`` (``n`` tokens), lazily: GDN
+        matrices are computed as they are read."""
         w = self._weights[c.layer]
         heads = list(c.heads)
         if c.layer_type == GDN:
@@ -115,7 +116,11 @@ class ContributionCapture:
             matrices = ((top, pattern[:, top:top + self.rows, :top + self.rows])
                         for top in range(0, n, self.rows))
         w_all = w.w_out.to(v.device)
-        w_heads = head_weights(w_all, n_heads)[heads].permute(1, 0, 2).reshape(w_all.shape[0], -1)
+        w_heads = head_columns(w_all, n_heads, heads)
+        # the unselected heads are not decomposed: their own outputs join the sum that must give
+        # hook_out (for a softmax layer, o is computed only when there are some)
+        others = [h for h in range(n_heads) if h not in heads]
+        w_others = head_columns(w_all, n_heads, others) if others else None
         v_sel, gate_sel = v[:, heads].float(), gate[:, heads]
         unembed = self._unembed_rows(c, kept, b, n, tokens) if c.logits is not None else None
         for top, M in matrices:
@@ -123,7 +128,8 @@ class ContributionCapture:
             rows = slice(top, top + r)
             yield _Block(top, M.float(), v_sel[:top + r], gate_sel[rows], w_heads,
                          None if unembed is None else unembed[rows],
-                         _rest(None if o is None else o[rows], gate[rows], w_all, heads, n_heads),
+                         None if w_others is None else
+                         (gate[rows, others] * o[rows, others].float()).reshape(r, -1) @ w_others.T,
                          out[rows])
 
     def _unembed_rows(self, c: ContributionSpec, kept, b: int, n: int, tokens: torch.Tensor):
@@ -136,18 +142,6 @@ class ContributionCapture:
             targets = tokens.new_full((n,), int(c.logits))
         return final_norm_unembed(x, u.norm_weight.to(x.device), u.w_u.to(x.device),
                                   targets.to(x.device, torch.long), u.eps)
-
-
-def _rest(o: torch.Tensor | None, gate: torch.Tensor, w_out: torch.Tensor, heads: list[int],
-          n_heads: int):
-    """What the unselected heads write, ``[r, d_model]`` (their own outputs ``o`` ``[r, H, Dv]``:
-    they are not decomposed, so they join the sum that must give ``hook_out``); None when every
-    head is selected."""
-    others = [h for h in range(n_heads) if h not in heads]
-    if not others:
-        return None
-    part = (gate[:, others] * o[:, others].float()).reshape(o.shape[0], -1)
-    return part @ head_weights(w_out, n_heads)[others].permute(1, 0, 2).reshape(w_out.shape[0], -1).T
 
 
 class _Block:
@@ -166,9 +160,9 @@ class _Block:
         if self.rest is not None:
             total = total + self.rest.double()
         out = self.out.double()
-        num = torch.linalg.vector_norm(total - out, dim=-1)
-        den = torch.linalg.vector_norm(out, dim=-1)
-        return max((norm_ratio(float(a) ** 2, float(d) ** 2) for a, d in zip(num, den)), default=0.0)
+        num = torch.linalg.vector_norm(total - out, dim=-1).square().tolist()
+        den = torch.linalg.vector_norm(out, dim=-1).square().tolist()
+        return max(map(norm_ratio, num, den), default=0.0)
 
     def vectors(self, d_model: int, l_max: int):
         """``(top, heads, block [1, p, top + p, d_model])``, a head and a few rows at a time
@@ -176,8 +170,8 @@ class _Block:
         r, C = self.M.shape[1], self.M.shape[2]
         tile = vector_tile(d_model, l_max)
         step = max(tile, VECTOR_PIECE_BYTES // max(4 * C * d_model, 1) // tile * tile)
-        for h in range(self.M.shape[0]):
-            w = head_weights(self.w_out, self.M.shape[0])[h]  # [d_model, Dv]
+        per_head = head_weights(self.w_out, self.M.shape[0])  # [heads, d_model, Dv]
+        for h, w in enumerate(per_head):
             for lo in range(0, r, step):
                 hi = min(lo + step, r)
                 cols = self.top + hi
